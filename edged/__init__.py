@@ -1,0 +1,3 @@
+"""edged: an edge inference runtime and daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,202 @@
+"""The ``edged`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import platform
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from edged import __version__
+from edged.errors import EdgedError
+
+app = typer.Typer(
+    help="edged: serve quantized TFLite, ONNX and OpenVINO bundles on edge devices over "
+    "KServe V2 HTTP and MQTT.\n\nStart with `edged doctor`, then `edged serve --config edged.toml`.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+models_app = typer.Typer(help="Ask a running daemon about its models.", no_args_is_help=True)
+bundle_app = typer.Typer(help="Inspect and verify model bundles (directories or .tar.gz).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(bundle_app, name="bundle")
+
+URL_OPTION = typer.Option("http://127.0.0.1:8080", "--url", envvar="EDGED_URL", help="Base URL of the daemon.")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def version() -> None:
+    """Print the edged version."""
+    typer.echo(__version__)
+
+
+@app.command()
+def serve(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", envvar="EDGED_CONFIG", help="edged.toml to read; EDGED_* variables override it."),
+) -> None:
+    """Run the daemon in the foreground: load bundles, serve HTTP (and MQTT when configured)."""
+    from edged.config import load_config
+    from edged.daemon import Daemon
+
+    try:
+        cfg = load_config(config)
+    except EdgedError as exc:
+        _fail(str(exc), 2)
+    logging.basicConfig(
+        level=getattr(logging, cfg.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    daemon = Daemon(cfg, str(config) if config else None)
+    try:
+        from edged import extensions
+
+        extensions.attach(daemon)
+    except ImportError:
+        pass
+    try:
+        asyncio.run(daemon.run())
+    except OSError as exc:
+        _fail(f"cannot start: {exc}", 1)
+
+
+@models_app.command("list")
+def models_list(url: str = URL_OPTION) -> None:
+    """List every model version the daemon knows, with its state."""
+    from edged.client import ClientError, V2Client
+
+    try:
+        rows = V2Client(url).post_json("/v2/repository/index", {})
+    except ClientError as exc:
+        _fail(str(exc))
+    if not rows:
+        typer.echo("no models")
+    for row in rows:
+        reason = f"  ({row['reason']})" if row.get("reason") else ""
+        typer.echo(f"{row['name']:<24} {row['version']:<12} {row['state']}{reason}")
+
+
+def _load_input(path: Path, model_inputs: list[dict]) -> dict[str, np.ndarray]:
+    if not path.exists():
+        _fail(f"{path}: no such file")
+    if path.suffix == ".npy":
+        if len(model_inputs) != 1:
+            _fail(f"{path}: a .npy holds one tensor but the model has {len(model_inputs)} inputs; use .npz or .json")
+        return {model_inputs[0]["name"]: np.load(path, allow_pickle=False)}
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            return {k.removeprefix("input:"): data[k] for k in data.files if not k.startswith("output:")}
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if isinstance(data, list):
+            if len(model_inputs) != 1:
+                _fail(f"{path}: a JSON list is one tensor but the model has {len(model_inputs)} inputs; use an object")
+            data = {model_inputs[0]["name"]: data}
+        return {k: np.asarray(v, dtype=np.float32) for k, v in data.items()}
+    _fail(f"{path}: expected .npy, .npz or .json")
+    return {}
+
+
+@app.command()
+def infer(
+    model: str = typer.Argument(..., help="Model name, as in `edged models list`."),
+    input: Path = typer.Option(..., "--input", "-i", help=".npy (one tensor), .npz or .json ({name: nested list})."),
+    version: Optional[str] = typer.Option(None, "--version", "-v", help="Model version; default the newest ready."),
+    url: str = URL_OPTION,
+) -> None:
+    """Send one inference request to a running daemon and print the outputs.
+    Float input to an int8 model is quantized by the daemon."""
+    from edged.client import ClientError, V2Client
+
+    client = V2Client(url)
+    try:
+        meta = client.get_json(f"/v2/models/{model}" + (f"/versions/{version}" if version else ""))
+        inputs = _load_input(input, meta.get("inputs", []))
+        outputs = client.infer(model, inputs, version)
+    except ClientError as exc:
+        _fail(str(exc))
+    labels = (meta.get("parameters") or {}).get("labels")
+    for name, array in outputs.items():
+        typer.echo(f"{name} {array.dtype} {list(array.shape)}")
+        typer.echo(np.array2string(array, precision=4, threshold=50))
+        if array.ndim == 2 and array.shape[1] > 1:
+            top = array.argmax(axis=1)
+            names = [labels[i] if labels and i < len(labels) else str(i) for i in top]
+            typer.echo(f"top-1: {', '.join(names)}")
+
+
+@bundle_app.command("inspect")
+def bundle_inspect(path: Path = typer.Argument(..., help="Bundle directory or .tar.gz.")) -> None:
+    """Print a bundle's manifest (without checking hashes)."""
+    from edged.bundle import open_bundle
+
+    try:
+        bundle = open_bundle(path, verify=False)
+    except EdgedError as exc:
+        _fail(str(exc))
+    typer.echo(bundle.manifest.to_json(), nl=False)
+
+
+@bundle_app.command("verify")
+def bundle_verify(path: Path = typer.Argument(..., help="Bundle directory or .tar.gz.")) -> None:
+    """Check the manifest and every file's size and sha256; exit 1 naming the first bad file."""
+    from edged.bundle import open_bundle
+
+    try:
+        bundle = open_bundle(path, verify=True)
+    except EdgedError as exc:
+        _fail(str(exc))
+    m = bundle.manifest
+    typer.echo(f"ok: {m.name} {m.version} ({m.runtime}), {len(m.files)} files verified")
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return []
+
+
+@app.command()
+def doctor() -> None:
+    """Show this machine's CPU, the runtimes that are importable, and the matching hw-profile."""
+    from edged.runtimes import BACKENDS, runtime_versions
+
+    flags = set(_cpu_flags())
+    interesting = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "neon", "asimd", "asimddp", "fp16", "i8mm") if f in flags]
+    typer.echo(f"edged {__version__}, Python {platform.python_version()}")
+    typer.echo(f"cpu: {platform.machine()}, {len(flags)} flags; relevant: {', '.join(interesting) or 'none'}")
+    typer.echo("runtimes:")
+    for name, ver in runtime_versions().items():
+        if ver:
+            typer.echo(f"  {name:<9} available  ({ver})")
+        else:
+            typer.echo(f"  {name:<9} missing    (pip install 'edged[{BACKENDS[name].extra}]')")
+    try:
+        from edged import profiles
+    except ImportError:
+        typer.echo("hw-profile: profile support not installed")
+        return
+    try:
+        match = profiles.detect()
+        typer.echo(f"hw-profile: {match}")
+    except EdgedError as exc:
+        typer.echo(f"hw-profile: none ({exc})")
+
+
+if __name__ == "__main__":
+    app()

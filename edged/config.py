@@ -1,0 +1,165 @@
+"""Daemon configuration: edged.toml, then EDGED_* environment overrides.
+
+Defaults (documented in README.md)::
+
+    models_dir = "models"          # bundles: directories or .tar.gz
+    state_dir = ".edged-state"     # unpacked archives, outbox, OTA state
+    load = ["*"]                   # model names to load at start ("*": all)
+    versions = "latest"            # "latest" or "all" versions of each model
+    threads = 0                    # runtime threads per model, 0 = backend default
+    max_concurrency = 2            # concurrent inferences per model version
+    max_queue = 64                 # waiting requests per model version before 503
+    [http]
+    host = "127.0.0.1"
+    port = 8080
+    max_body_bytes = 67108864      # 64 MiB; larger requests get 413
+
+Every scalar can be overridden with EDGED_<KEY> or EDGED_<SECTION>_<KEY>
+(e.g. EDGED_HTTP_PORT=9000, EDGED_MODELS_DIR=/srv/models).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from edged.errors import ConfigError
+
+
+@dataclass
+class HttpConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass
+class Config:
+    models_dir: str = "models"
+    state_dir: str = ".edged-state"
+    load: list[str] = field(default_factory=lambda: ["*"])
+    versions: str = "latest"
+    threads: int = 0
+    max_concurrency: int = 2
+    max_queue: int = 64
+    warmup_runs: int = 3
+    log_level: str = "info"
+    runtime_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    source: str = "<defaults>"
+
+    def resolve(self, path: str) -> Path:
+        """A path from the config, relative to the config file's directory."""
+        p = Path(path).expanduser()
+        if p.is_absolute() or self.source.startswith("<"):
+            return p
+        return Path(self.source).parent / p
+
+    @property
+    def models_path(self) -> Path:
+        return self.resolve(self.models_dir)
+
+    @property
+    def state_path(self) -> Path:
+        return self.resolve(self.state_dir)
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    """Check/convert ``value`` to the type of ``default``."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if isinstance(default, list):
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [str(v) for v in value]
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _apply(target: Any, data: Mapping[str, Any], source: str, prefix: str = "") -> None:
+    known = {f.name: f for f in fields(target) if f.name != "source"}
+    for key, value in data.items():
+        where = f"{source}: key {prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"{where} is unknown; known keys: {', '.join(sorted(known))}")
+        current = getattr(target, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a [{prefix}{key}] table")
+            _apply(current, value, source, f"{prefix}{key}.")
+        else:
+            setattr(target, key, _coerce(value, current, where))
+
+
+def _env_overrides(target: Any, environ: Mapping[str, str], prefix: str = "EDGED_") -> None:
+    for f in fields(target):
+        if f.name == "source":
+            continue
+        current = getattr(target, f.name)
+        env_name = f"{prefix}{f.name.upper()}"
+        if is_dataclass(current):
+            _env_overrides(current, environ, f"{env_name}_")
+        elif env_name in environ:
+            setattr(target, f.name, _coerce(environ[env_name], current, f"environment {env_name}"))
+
+
+def _validate(config: Config) -> None:
+    src = config.source
+    if config.versions not in ("latest", "all"):
+        raise ConfigError(f"{src}: key versions must be 'latest' or 'all', got {config.versions!r}")
+    if not 0 < config.http.port < 65536:
+        raise ConfigError(f"{src}: key http.port must be 1-65535, got {config.http.port}")
+    for key in ("max_concurrency", "max_queue"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{src}: key {key} must be at least 1")
+    if config.threads < 0:
+        raise ConfigError(f"{src}: key threads must be 0 (default) or more")
+    if config.http.max_body_bytes < 1024:
+        raise ConfigError(f"{src}: key http.max_body_bytes must be at least 1024")
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (when given), apply EDGED_* overrides, validate."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        config.source = str(path.resolve())
+        _apply(config, data, str(path))
+    _env_overrides(config, os.environ if environ is None else environ)
+    _validate(config)
+    return config

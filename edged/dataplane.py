@@ -1,0 +1,180 @@
+"""The data plane: the only API that transports call.
+
+It is synchronous and thread-safe. Async transports run ``infer`` in a worker
+thread so blocking inference never blocks their event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edged import __version__
+from edged.config import Config
+from edged.errors import EdgedError, InferenceFailed, InvalidInput
+from edged.metrics import Metrics
+from edged.registry import ModelEntry, ModelRegistry
+
+EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics_metrics"]
+
+
+@dataclass
+class InferenceRequest:
+    model: str
+    inputs: dict[str, np.ndarray]
+    version: str | None = None
+    outputs: list[str] | None = None  # None: all outputs
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class InferenceResponse:
+    model: str
+    version: str
+    outputs: dict[str, np.ndarray]
+    id: str | None = None
+
+
+class DataPlane:
+    """Health, metadata, inference and repository control."""
+
+    def __init__(self, config: Config, registry: ModelRegistry, metrics: Metrics) -> None:
+        self.config = config
+        self.registry = registry
+        self.metrics = metrics
+        self.started = time.time()
+        self._startup_done = threading.Event()
+
+    # -- lifecycle --------------------------------------------------------
+    def start(self) -> None:
+        """Load the configured models, then mark the server ready."""
+        self.registry.load_initial()
+        self._startup_done.set()
+
+    def stop(self) -> None:
+        self._startup_done.clear()
+        self.registry.unload_all()
+
+    # -- health and metadata ---------------------------------------------
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        """Ready once the initial load pass has finished (a model that failed
+        is reported per model, not by holding the whole server back)."""
+        return self._startup_done.is_set()
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "edged", "version": __version__, "extensions": EXTENSIONS}
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        return self.registry.get(name, version).ready
+
+    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        entry = self.registry.get(name, version)
+        data: dict[str, Any] = {
+            "name": entry.name,
+            "versions": [e.version for e in self.registry.versions(name)],
+            "platform": _platform(entry.runtime),
+            "state": entry.state.value,
+        }
+        if entry.reason:
+            data["reason"] = entry.reason
+        model = entry.model
+        if model is not None:
+            manifest = model.bundle.manifest
+            data["inputs"] = [_tensor_meta(t) for t in manifest.inputs]
+            data["outputs"] = [_tensor_meta(t) for t in manifest.outputs]
+            data["parameters"] = {
+                "version": entry.version,
+                "hw_profile": manifest.hw_profile,
+                "labels": manifest.labels,
+                "validation": manifest.validation,
+            }
+        return data
+
+    # -- inference --------------------------------------------------------
+    def infer(self, request: InferenceRequest, transport: str = "local") -> InferenceResponse:
+        entry: ModelEntry | None = None
+        version_label = request.version or ""
+        try:
+            entry = self.registry.get(request.model, request.version)
+            version_label = entry.version
+            self.metrics.requests.labels(request.model, version_label, transport).inc()
+            response = self._run(entry, request)
+        except EdgedError as exc:
+            if entry is None:
+                self.metrics.requests.labels(request.model, version_label, transport).inc()
+            self.metrics.failures.labels(request.model, version_label, transport, exc.code).inc()
+            raise
+        return response
+
+    def _run(self, entry: ModelEntry, request: InferenceRequest) -> InferenceResponse:
+        depth = self.metrics.queue_depth.labels(entry.name, entry.version)
+        depth.inc()
+        try:
+            model, waited = entry.acquire()
+            try:
+                self.metrics.queue_time.labels(entry.name, entry.version).observe(waited)
+                start = time.perf_counter()
+                try:
+                    outputs = model.infer(request.inputs)
+                except EdgedError:
+                    raise
+                except Exception as exc:  # a runtime's own exception type
+                    raise InferenceFailed(f"model {entry.name} failed: {type(exc).__name__}: {exc}") from None
+                self.metrics.latency.labels(entry.name, entry.version, entry.runtime).observe(
+                    time.perf_counter() - start
+                )
+            finally:
+                entry.release()
+        finally:
+            depth.dec()
+        if request.outputs:
+            unknown = [n for n in request.outputs if n not in outputs]
+            if unknown:
+                raise InvalidInput(
+                    f"unknown output(s) {', '.join(unknown)}; model {entry.name} has {', '.join(outputs)}"
+                )
+            outputs = {n: outputs[n] for n in request.outputs}
+        return InferenceResponse(model=entry.name, version=entry.version, outputs=outputs, id=request.id)
+
+    # -- repository -------------------------------------------------------
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        self.registry.scan()
+        rows = []
+        for entry in self.registry.index():
+            if ready_only and not entry.ready:
+                continue
+            row = {"name": entry.name, "version": entry.version, "state": entry.state.value}
+            if entry.reason:
+                row["reason"] = entry.reason
+            rows.append(row)
+        return rows
+
+    def load_model(self, name: str) -> None:
+        self.registry.load(name)
+
+    def unload_model(self, name: str) -> None:
+        self.registry.unload(name)
+
+
+def _platform(runtime: str) -> str:
+    return {"tflite": "tensorflow_lite", "onnx": "onnxruntime_onnx", "openvino": "openvino"}.get(runtime, runtime)
+
+
+def _tensor_meta(spec: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+    if spec.layout:
+        data["layout"] = spec.layout
+    if spec.quantization is not None:
+        data["quantization"] = spec.quantization.to_dict()
+        data["accepted_datatypes"] = [
+            "FP32" if d == "float32" else spec.datatype for d in spec.accepted_dtypes()
+        ]
+    return data

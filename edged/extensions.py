@@ -1,0 +1,14 @@
+"""Optional services attached to a daemon from its config (MQTT, metrics push,
+systemd notify). Each attach function adds to ``daemon.services`` or its
+listeners and does nothing when its section is disabled."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edged.daemon import Daemon
+
+
+def attach(daemon: "Daemon") -> None:
+    """Attach every optional service the daemon's config enables."""

@@ -1,0 +1,54 @@
+"""Prometheus metrics on one registry per daemon (no global state).
+
+The same ``Metrics.registry`` is served on HTTP /metrics and pushed to a
+Pushgateway, so both always agree.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)
+
+
+class Metrics:
+    """All of the daemon's metrics. Other components add theirs to ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "edged_inference_requests", "Inference requests received.",
+            ["model", "version", "transport"], registry=r,
+        )
+        self.failures = Counter(
+            "edged_inference_failures", "Inference requests that failed, by error code.",
+            ["model", "version", "transport", "code"], registry=r,
+        )
+        self.latency = Histogram(
+            "edged_inference_duration_seconds", "Time spent running the model.",
+            ["model", "version", "runtime"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_time = Histogram(
+            "edged_queue_duration_seconds", "Time a request waited for a free model slot.",
+            ["model", "version"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge(
+            "edged_queue_depth", "Requests waiting for or holding a model slot.",
+            ["model", "version"], registry=r,
+        )
+        self.load_time = Gauge(
+            "edged_model_load_duration_seconds", "Seconds the last load of the model took.",
+            ["model", "version", "runtime"], registry=r,
+        )
+        self.model_ready = Gauge(
+            "edged_model_ready", "1 when the model version is ready to serve.",
+            ["model", "version"], registry=r,
+        )
+        self.models_loaded = Gauge("edged_models_loaded", "Model versions loaded and ready.", registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

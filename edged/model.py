@@ -1,0 +1,162 @@
+"""A loaded bundle: runtime + manifest, with input checks and int8 conversion."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edged.bundle import Bundle
+from edged.errors import BundleError, InvalidInput
+from edged.runtimes import Runtime, RuntimeOptions, create_runtime
+from edged.tensors import TensorSpec
+
+log = logging.getLogger(__name__)
+
+
+def _shapes_compatible(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b))
+
+
+def check_against_manifest(kind: str, declared: list[TensorSpec], actual: list[TensorSpec]) -> None:
+    """Raise BundleError when the model's own tensors disagree with the manifest."""
+    by_name = {t.name: t for t in actual}
+    if set(by_name) != {t.name for t in declared}:
+        raise BundleError(
+            f"manifest {kind} {sorted(t.name for t in declared)} do not match the model's {sorted(by_name)}"
+        )
+    for spec in declared:
+        model = by_name[spec.name]
+        if model.dtype != spec.dtype:
+            raise BundleError(f"{kind} {spec.name}: manifest dtype {spec.dtype}, model has {model.dtype}")
+        if not _shapes_compatible(model.shape, spec.shape):
+            raise BundleError(
+                f"{kind} {spec.name}: manifest shape {list(spec.shape)} (layout {spec.layout or '?'}) "
+                f"does not fit the model's {list(model.shape)}"
+            )
+        if spec.layout and len(spec.layout) != len(spec.shape):
+            raise BundleError(f"{kind} {spec.name}: layout {spec.layout} does not have rank {len(spec.shape)}")
+        if (model.quantization is None) != (spec.quantization is None):
+            raise BundleError(
+                f"{kind} {spec.name}: model quantization {model.quantization} but manifest says {spec.quantization}"
+            )
+        if model.quantization and spec.quantization:
+            mq, sq = model.quantization, spec.quantization
+            if mq.zero_point != sq.zero_point or not np.isclose(mq.scale, sq.scale, rtol=1e-5):
+                raise BundleError(f"{kind} {spec.name}: model quantization {mq} but manifest says {sq}")
+
+
+@dataclass
+class LoadedModel:
+    """A bundle loaded into a runtime, ready to infer."""
+
+    bundle: Bundle
+    runtime: Runtime
+    load_seconds: float = 0.0
+    inputs: dict[str, TensorSpec] = field(default_factory=dict)
+    outputs: dict[str, TensorSpec] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.bundle.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.bundle.manifest.version
+
+    @classmethod
+    def load(cls, bundle: Bundle, options: RuntimeOptions, warmup: int = 3) -> "LoadedModel":
+        start = time.perf_counter()
+        runtime = create_runtime(bundle.manifest.runtime)
+        runtime.load(str(bundle.model_path), options)
+        try:
+            check_against_manifest("inputs", bundle.manifest.inputs, runtime.inputs)
+            check_against_manifest("outputs", bundle.manifest.outputs, runtime.outputs)
+            model = cls(
+                bundle=bundle,
+                runtime=runtime,
+                inputs={t.name: t for t in bundle.manifest.inputs},
+                outputs={t.name: t for t in bundle.manifest.outputs},
+            )
+            model.warm_up(warmup)
+        except Exception:
+            runtime.unload()
+            raise
+        model.load_seconds = time.perf_counter() - start
+        return model
+
+    def warm_up(self, runs: int) -> None:
+        """Run the bundle's sample inputs a few times so first requests are fast."""
+        samples, _ = self.bundle.load_samples()
+        if not samples or runs <= 0:
+            return
+        for _ in range(runs):
+            self.infer(samples)
+
+    def self_test(self) -> float:
+        """Run samples.npz and return the worst error relative to the tolerance
+        (<= 1.0 passes). Raises BundleError when the bundle has no samples."""
+        inputs, expected = self.bundle.load_samples()
+        if not inputs or not expected:
+            raise BundleError(f"{self.name}: bundle has no samples to self-test with")
+        got = self.infer(inputs)
+        tol = self.bundle.manifest.tolerance
+        atol, rtol = float(tol.get("atol", 1e-3)), float(tol.get("rtol", 1e-3))
+        worst = 0.0
+        for name, want in expected.items():
+            if name not in got:
+                raise BundleError(f"{self.name}: self-test output {name} missing")
+            diff = np.abs(got[name].astype(np.float64) - want.astype(np.float64))
+            allowed = atol + rtol * np.abs(want.astype(np.float64))
+            worst = max(worst, float(np.max(diff / allowed)))
+        return worst
+
+    def validate(self, inputs: dict[str, np.ndarray]) -> None:
+        """Check names, dtypes and shapes before anything reaches the runtime."""
+        missing = [n for n in self.inputs if n not in inputs]
+        if missing:
+            raise InvalidInput(f"missing input tensor(s) {', '.join(missing)} for model {self.name}")
+        unknown = [n for n in inputs if n not in self.inputs]
+        if unknown:
+            raise InvalidInput(
+                f"unknown input tensor(s) {', '.join(unknown)}; model {self.name} expects {', '.join(self.inputs)}"
+            )
+        for name, array in inputs.items():
+            spec = self.inputs[name]
+            if array.dtype.name not in spec.accepted_dtypes():
+                raise InvalidInput(
+                    f"input {name}: expected dtype {' or '.join(spec.accepted_dtypes())}, got {array.dtype.name}"
+                )
+            if not spec.matches_shape(tuple(array.shape)):
+                raise InvalidInput(
+                    f"input {name}: expected shape {list(spec.shape)} (-1 = any), got {list(array.shape)}"
+                )
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validate, quantize float inputs of int8 tensors, run, and dequantize
+        outputs unless every quantized input came in its native dtype."""
+        self.validate(inputs)
+        native: dict[str, np.ndarray] = {}
+        dequantize = False
+        for name, array in inputs.items():
+            spec = self.inputs[name]
+            if spec.quantization is not None and array.dtype.name != spec.dtype:
+                native[name] = spec.quantization.quantize(array, np.dtype(spec.dtype))
+                dequantize = True
+            else:
+                native[name] = array
+        if not any(s.quantization for s in self.inputs.values()):
+            dequantize = True  # float model: quantized outputs (if any) become float
+        raw = self.runtime.infer(native)
+        outputs: dict[str, np.ndarray] = {}
+        for name, spec in self.outputs.items():
+            array = raw[name]
+            if dequantize and spec.quantization is not None:
+                array = spec.quantization.dequantize(array)
+            outputs[name] = array
+        return outputs
+
+    def unload(self) -> None:
+        self.runtime.unload()

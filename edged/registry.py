@@ -1,0 +1,286 @@
+"""The model repository: bundles on disk, their load state, and hot swaps.
+
+Each (name, version) is one ``ModelEntry``. Loading builds the new
+``LoadedModel`` before the old one is swapped out (as MLServer does), and the
+old one unloads only after its in-flight requests finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Callable, Iterator
+
+from edged.bundle import MANIFEST, Bundle, is_archive, open_bundle, read_manifest, semver_key
+from edged.config import Config
+from edged.errors import EdgedError, ModelNotFound, ModelNotReady, Overloaded
+from edged.metrics import Metrics
+from edged.model import LoadedModel
+from edged.runtimes import RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(str, Enum):
+    UNAVAILABLE = "UNAVAILABLE"
+    LOADING = "LOADING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+
+@dataclass
+class ModelEntry:
+    """One version of one model and everything needed to serve it."""
+
+    name: str
+    version: str
+    source: Path
+    runtime: str = ""
+    state: ModelState = ModelState.UNAVAILABLE
+    reason: str = ""
+    model: LoadedModel | None = None
+    max_concurrency: int = 2
+    max_queue: int = 64
+    _slots: threading.Semaphore = field(init=False, repr=False)
+    _pending: int = field(default=0, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _idle: threading.Condition = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._slots = threading.Semaphore(self.max_concurrency)
+        self._idle = threading.Condition(self._lock)
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ModelState.READY and self.model is not None
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def acquire(self) -> tuple[LoadedModel, float]:
+        """Take a concurrency slot; returns the model and seconds spent queued."""
+        with self._lock:
+            if self._pending >= self.max_concurrency + self.max_queue:
+                raise Overloaded(
+                    f"model {self.name} version {self.version} is at its limit of "
+                    f"{self.max_concurrency} running and {self.max_queue} queued requests"
+                )
+            self._pending += 1
+        start = time.perf_counter()
+        self._slots.acquire()
+        waited = time.perf_counter() - start
+        model = self.model
+        if model is None or self.state is not ModelState.READY:
+            self.release()
+            raise ModelNotReady(f"model {self.name} version {self.version} is not ready: {self.reason or self.state.value}")
+        return model, waited
+
+    def release(self) -> None:
+        self._slots.release()
+        with self._lock:
+            self._pending -= 1
+            if self._pending == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._lock:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout=timeout)
+
+
+class ModelRegistry:
+    """Finds bundles under ``config.models_path`` and loads/unloads them."""
+
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._entries: dict[tuple[str, str], ModelEntry] = {}
+        self._broken: dict[str, str] = {}  # bundle path -> why its manifest is unreadable
+        self._lock = threading.RLock()
+        self._name_locks: dict[str, threading.Lock] = {}
+        self.listeners: list[Callable[[str, ModelEntry], None]] = []
+
+    # -- repository -------------------------------------------------------
+    def _candidates(self) -> Iterator[Path]:
+        root = self.config.models_path
+        if not root.is_dir():
+            return
+        for path in sorted(root.iterdir()):
+            if path.name.startswith("."):
+                continue
+            if (path.is_dir() and (path / MANIFEST).is_file()) or is_archive(path):
+                yield path
+
+    def scan(self) -> None:
+        """Refresh the index from disk; loaded entries are kept."""
+        with self._lock:
+            self._broken.clear()
+            seen: set[tuple[str, str]] = set()
+            for path in self._candidates():
+                try:
+                    if is_archive(path):
+                        manifest = open_bundle(path, self._unpack_dir(), verify=False).manifest
+                    else:
+                        manifest = read_manifest(path)
+                except EdgedError as exc:
+                    self._broken[str(path)] = str(exc)
+                    log.warning("bundle %s is unusable: %s", path, exc)
+                    continue
+                key = (manifest.name, manifest.version)
+                if key in seen:
+                    log.warning("bundle %s duplicates %s %s; ignored", path, *key)
+                    continue
+                seen.add(key)
+                entry = self._entries.get(key)
+                if entry is None:
+                    self._entries[key] = self._new_entry(manifest.name, manifest.version, path, manifest.runtime)
+                elif entry.state is not ModelState.READY:
+                    entry.source = path
+                    entry.runtime = manifest.runtime
+            for key in [k for k, e in self._entries.items() if k not in seen and not e.ready]:
+                del self._entries[key]
+
+    def _new_entry(self, name: str, version: str, source: Path, runtime: str) -> ModelEntry:
+        return ModelEntry(
+            name=name, version=version, source=source, runtime=runtime,
+            max_concurrency=self.config.max_concurrency, max_queue=self.config.max_queue,
+        )
+
+    def _unpack_dir(self) -> Path:
+        path = self.config.state_path / "unpacked"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def index(self) -> list[ModelEntry]:
+        with self._lock:
+            return sorted(self._entries.values(), key=lambda e: (e.name, semver_key(e.version)))
+
+    def broken(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._broken)
+
+    def names(self) -> list[str]:
+        return sorted({e.name for e in self.index()})
+
+    def versions(self, name: str) -> list[ModelEntry]:
+        return [e for e in self.index() if e.name == name]
+
+    # -- lookup -----------------------------------------------------------
+    def get(self, name: str, version: str | None = None) -> ModelEntry:
+        """The entry for name/version; without a version, the newest ready one."""
+        entries = self.versions(name)
+        if not entries:
+            raise ModelNotFound(f"unknown model {name!r}; known models: {', '.join(self.names()) or 'none'}")
+        if version:
+            for entry in entries:
+                if entry.version == version:
+                    return entry
+            raise ModelNotFound(
+                f"model {name!r} has no version {version!r}; versions: {', '.join(e.version for e in entries)}"
+            )
+        ready = [e for e in entries if e.ready]
+        return (ready or entries)[-1]
+
+    # -- load / unload ----------------------------------------------------
+    def _name_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._name_locks.setdefault(name, threading.Lock())
+
+    def options_for(self, runtime: str) -> RuntimeOptions:
+        extra = dict(self.config.runtime_options.get(runtime, {}))
+        threads = int(extra.pop("threads", self.config.threads))
+        return RuntimeOptions(threads=threads, extra=extra)
+
+    def load(self, name: str) -> list[ModelEntry]:
+        """(Re)load ``name`` per the version policy. Raises ModelNotFound when
+        no bundle has that name, ModelNotReady when every version failed."""
+        with self._name_lock(name):
+            self.scan()
+            entries = self.versions(name)
+            if not entries:
+                raise ModelNotFound(f"no bundle named {name!r} in {self.config.models_path}")
+            wanted = entries[-1:] if self.config.versions == "latest" else entries
+            for entry in entries:
+                if entry not in wanted and entry.state is not ModelState.UNAVAILABLE:
+                    self._unload_entry(entry)
+            for entry in wanted:
+                self._load_entry(entry)
+            if not any(e.ready for e in wanted):
+                reasons = "; ".join(f"{e.version}: {e.reason}" for e in wanted)
+                raise ModelNotReady(f"model {name} failed to load: {reasons}")
+            return wanted
+
+    def _load_entry(self, entry: ModelEntry) -> None:
+        previous_state = entry.state
+        if previous_state is not ModelState.READY:
+            entry.state, entry.reason = ModelState.LOADING, ""
+        try:
+            bundle: Bundle = open_bundle(entry.source, self._unpack_dir())
+            new = LoadedModel.load(bundle, self.options_for(bundle.manifest.runtime), self.config.warmup_runs)
+        except EdgedError as exc:
+            self._fail(entry, str(exc), keep_serving=previous_state is ModelState.READY)
+            return
+        except Exception as exc:  # a runtime library's own error type
+            self._fail(entry, f"{type(exc).__name__}: {exc}", keep_serving=previous_state is ModelState.READY)
+            return
+        old = entry.model
+        entry.model, entry.state, entry.reason = new, ModelState.READY, ""
+        entry.runtime = new.bundle.manifest.runtime
+        if old is not None:
+            entry.wait_idle(timeout=30.0)
+            old.unload()
+        self.metrics.load_time.labels(entry.name, entry.version, entry.runtime).set(new.load_seconds)
+        self._publish("loaded", entry)
+        log.info("loaded %s %s (%s) in %.3fs", entry.name, entry.version, entry.runtime, new.load_seconds)
+
+    def _fail(self, entry: ModelEntry, reason: str, keep_serving: bool) -> None:
+        log.error("model %s %s failed to load: %s", entry.name, entry.version, reason)
+        if keep_serving:
+            entry.reason = f"reload failed, still serving the previous load: {reason}"
+        else:
+            entry.state, entry.reason, entry.model = ModelState.FAILED, reason, None
+        self._publish("failed", entry)
+
+    def unload(self, name: str) -> list[ModelEntry]:
+        with self._name_lock(name):
+            entries = self.versions(name)
+            if not entries:
+                raise ModelNotFound(f"unknown model {name!r}")
+            for entry in entries:
+                self._unload_entry(entry)
+            return entries
+
+    def _unload_entry(self, entry: ModelEntry) -> None:
+        model = entry.model
+        entry.state, entry.reason, entry.model = ModelState.UNAVAILABLE, "unloaded", None
+        if model is not None:
+            entry.wait_idle(timeout=30.0)
+            model.unload()
+            self._publish("unloaded", entry)
+
+    def load_initial(self) -> None:
+        """Load what ``config.load`` names; failures are recorded, never raised."""
+        self.scan()
+        names = self.names() if "*" in self.config.load else self.config.load
+        for name in names:
+            try:
+                self.load(name)
+            except EdgedError as exc:
+                log.error("%s", exc)
+
+    def unload_all(self) -> None:
+        for name in self.names():
+            self.unload(name)
+
+    def _publish(self, event: str, entry: ModelEntry) -> None:
+        self.metrics.model_ready.labels(entry.name, entry.version).set(1 if entry.ready else 0)
+        self.metrics.models_loaded.set(sum(1 for e in self.index() if e.ready))
+        for listener in list(self.listeners):
+            try:
+                listener(event, entry)
+            except Exception:  # a listener must never break loading
+                log.exception("model event listener failed")

@@ -1,0 +1,70 @@
+"""ONNX Runtime backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edged.errors import InferenceFailed
+from edged.runtimes import RuntimeOptions
+from edged.tensors import TensorSpec
+
+# onnx type strings -> numpy dtype names
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(int16)": "int16",
+    "tensor(uint16)": "uint16",
+    "tensor(int32)": "int32",
+    "tensor(uint32)": "uint32",
+    "tensor(int64)": "int64",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+}
+
+
+def _spec(node: Any) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) else -1 for d in node.shape)
+    return TensorSpec(name=node.name, dtype=_ORT_TYPES.get(node.type, "float32"), shape=shape)
+
+
+class OnnxRuntime:
+    """An InferenceSession; ``run`` is thread-safe so no lock is needed."""
+
+    name = "onnx"
+
+    def __init__(self) -> None:
+        self.inputs: list[TensorSpec] = []
+        self.outputs: list[TensorSpec] = []
+        self._session: Any = None
+        self._output_names: list[str] = []
+
+    def load(self, model_path: str, options: RuntimeOptions) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if options.threads > 0:
+            so.intra_op_num_threads = options.threads
+            so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        wanted = list(options.extra.get("providers") or ["CPUExecutionProvider"])
+        present = set(ort.get_available_providers())
+        providers = [p for p in wanted if p in present] or ["CPUExecutionProvider"]
+        self._session = ort.InferenceSession(model_path, sess_options=so, providers=providers)
+        self.inputs = [_spec(i) for i in self._session.get_inputs()]
+        self.outputs = [_spec(o) for o in self._session.get_outputs()]
+        self._output_names = [o.name for o in self.outputs]
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            results = self._session.run(self._output_names, inputs)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise InferenceFailed(f"onnxruntime run failed: {exc}") from None
+        return dict(zip(self._output_names, results))
+
+    def unload(self) -> None:
+        self._session = None

@@ -1,0 +1,87 @@
+"""TFLite backend: ai-edge-litert, else tflite-runtime, else tensorflow.lite."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from edged.errors import InferenceFailed
+from edged.runtimes import RuntimeOptions
+from edged.tensors import Quantization, TensorSpec
+
+
+def _interpreter_class() -> Any:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+        except ImportError:
+            from tensorflow.lite import Interpreter  # type: ignore[no-redef]
+    return Interpreter
+
+
+def _spec(detail: dict[str, Any]) -> TensorSpec:
+    shape = detail.get("shape_signature")
+    if shape is None or len(shape) == 0:
+        shape = detail["shape"]
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    quant = None
+    if np.dtype(detail["dtype"]).kind in "iu" and scale:
+        quant = Quantization(scale=float(scale), zero_point=int(zero_point))
+    return TensorSpec(
+        name=detail["name"],
+        dtype=np.dtype(detail["dtype"]).name,
+        shape=tuple(int(d) for d in shape),
+        quantization=quant,
+        extra={"index": detail["index"]},
+    )
+
+
+class TFLiteRuntime:
+    """One interpreter, guarded by a lock (interpreters are not thread-safe)."""
+
+    name = "tflite"
+
+    def __init__(self) -> None:
+        self.inputs: list[TensorSpec] = []
+        self.outputs: list[TensorSpec] = []
+        self._interpreter: Any = None
+        self._lock = threading.Lock()
+
+    def load(self, model_path: str, options: RuntimeOptions) -> None:
+        interpreter_cls = _interpreter_class()
+        kwargs: dict[str, Any] = {"model_path": model_path}
+        if options.threads > 0:
+            kwargs["num_threads"] = options.threads
+        interpreter = interpreter_cls(**kwargs)
+        interpreter.allocate_tensors()
+        self._interpreter = interpreter
+        self.inputs = [_spec(d) for d in interpreter.get_input_details()]
+        self.outputs = [_spec(d) for d in interpreter.get_output_details()]
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            interp = self._interpreter
+            details = interp.get_input_details()
+            resized = False
+            for detail in details:
+                array = inputs[detail["name"]]
+                if tuple(detail["shape"]) != array.shape:
+                    interp.resize_tensor_input(detail["index"], list(array.shape))
+                    resized = True
+            if resized:
+                interp.allocate_tensors()
+            for detail in details:
+                interp.set_tensor(detail["index"], np.ascontiguousarray(inputs[detail["name"]]))
+            try:
+                interp.invoke()
+            except (RuntimeError, ValueError) as exc:
+                raise InferenceFailed(f"tflite invoke failed: {exc}") from None
+            return {d["name"]: interp.get_tensor(d["index"]).copy() for d in interp.get_output_details()}
+
+    def unload(self) -> None:
+        with self._lock:
+            self._interpreter = None

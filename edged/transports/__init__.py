@@ -1,0 +1,1 @@
+"""Transports: thin adapters that decode, call the data plane, and encode."""
