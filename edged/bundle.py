@@ -256,6 +256,7 @@ def open_bundle(path: Path, unpack_dir: Path | None = None, verify: bool = True)
     path = Path(path)
     if is_archive(path):
         base = Path(unpack_dir) if unpack_dir else Path(tempfile.mkdtemp(prefix="edged-bundle-"))
+        base.mkdir(parents=True, exist_ok=True)
         target = base / f"{path.name.split('.')[0]}-{sha256_file(path)[:16]}"
         if not target.exists():
             staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=base))

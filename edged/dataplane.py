@@ -72,6 +72,10 @@ class DataPlane:
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "edged", "version": __version__, "extensions": EXTENSIONS}
 
+    def check_model(self, name: str, version: str | None = None) -> None:
+        """Raise ModelNotFound early, before a transport decodes a large body."""
+        self.registry.get(name, version)
+
     def model_ready(self, name: str, version: str | None = None) -> bool:
         return self.registry.get(name, version).ready
 

@@ -189,6 +189,7 @@ class HttpTransport:
 
     async def infer(self, request: web.Request) -> web.Response:
         info = request.match_info
+        self.dataplane.check_model(info["model"], info.get("version"))
         body = await self._read(request)
         header = request.headers.get(HEADER_LENGTH)
         header_length: int | None = None

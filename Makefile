@@ -1,0 +1,66 @@
+# edged: `make run` serves the demo models, `make test` runs every test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+DEMO := build/demo-bundles
+PYTEST_ARGS ?=
+
+.PHONY: help venv install install-test system-deps demo run test test-unit bench clean
+
+help:
+	@echo "make run     set up .venv, build the demo bundles, serve them on 127.0.0.1:8080"
+	@echo "make test    install test dependencies (apt + pip) and run pytest"
+	@echo "make bench   run benchmarks and write BENCHMARKS.md"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+venv: $(PY)
+
+# Stamps re-run pip only when pyproject.toml changes.
+$(VENV)/.stamp-all: pyproject.toml | $(PY)
+	$(PIP) install --quiet -e '.[all,convert]'
+	touch $@
+
+$(VENV)/.stamp-test: pyproject.toml | $(PY)
+	$(PIP) install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.stamp-all
+install-test: $(VENV)/.stamp-test
+
+# mosquitto, the pushgateway and promtool are Debian packages; apt starts neither service.
+system-deps:
+	@missing=""; \
+	[ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	[ -x /usr/bin/prometheus-pushgateway ] || missing="$$missing prometheus-pushgateway"; \
+	[ -x /usr/bin/promtool ] || missing="$$missing prometheus"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+demo: install
+	$(PY) scripts/build_demo.py --out $(DEMO)
+
+run: demo
+	$(VENV)/bin/edged serve --config examples/edged.toml
+
+# pytest exits 5 when it collected no tests: that is a failure here.
+test: system-deps install-test
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+test-unit: install-test
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: system-deps install-test
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf build .edged-state benchmarks/results/*.tmp

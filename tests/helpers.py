@@ -1,0 +1,114 @@
+"""Shared test helpers: free ports, the daemon as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_BUNDLES = REPO / "build" / "demo-bundles"
+DEMO_DATA = REPO / "build" / "demo-data"
+DEMO_MODELS = ("digits-onnx", "digits-tflite", "digits-openvino")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, bytes, dict[str, str]]:
+    """One raw HTTP request (like curl); returns status, body, headers."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)
+
+
+@dataclass
+class DaemonProcess:
+    proc: subprocess.Popen
+    port: int
+    config: Path
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str) -> tuple[int, dict]:
+        status, body, _ = http("GET", self.url + path)
+        return status, json.loads(body) if body else {}
+
+    def post(self, path: str, data: object | bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+        raw = data if isinstance(data, bytes) else json.dumps(data).encode()
+        status, body, _ = http("POST", self.url + path, raw, headers)
+        try:
+            return status, json.loads(body) if body else {}
+        except ValueError:
+            return status, {"raw": body}
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def logs(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_daemon(tmp: Path, models_dir: Path, extra_toml: str = "", env: dict[str, str] | None = None, wait: bool = True, port: int | None = None) -> DaemonProcess:
+    """Start `edged serve` as a subprocess on a free port and wait until ready."""
+    port = port or free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = tmp / "edged.toml"
+    config.write_text(
+        f'models_dir = "{models_dir}"\nstate_dir = "{tmp / "state"}"\nthreads = 1\n{extra_toml}\n'
+        f"[http]\nport = {port}\n"
+    )
+    log = tmp / "daemon.log"
+    handle = open(log, "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edged.cli", "serve", "--config", str(config)],
+        stdout=handle, stderr=subprocess.STDOUT, cwd=tmp,
+        env={**os.environ, **(env or {})},
+    )
+    daemon = DaemonProcess(proc=proc, port=port, config=config, log=log)
+    if wait:
+        wait_ready(daemon)
+    return daemon
+
+
+def wait_ready(daemon: DaemonProcess, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not daemon.alive():
+            raise RuntimeError(f"daemon exited with {daemon.proc.returncode}:\n{daemon.logs()}")
+        try:
+            status, _, _ = http("GET", daemon.url + "/v2/health/ready", timeout=1.0)
+            if status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    daemon.stop()
+    raise RuntimeError(f"daemon not ready after {timeout}s:\n{daemon.logs()}")
