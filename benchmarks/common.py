@@ -1,0 +1,44 @@
+"""Timing helpers shared by the benchmark sections."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from typing import Callable
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def measure(call: Callable[[], object], seconds: float = 2.0, concurrency: int = 1, warmup: int = 20) -> dict[str, float]:
+    """Run ``call`` in ``concurrency`` threads for ``seconds``; latency in µs."""
+    for _ in range(warmup):
+        call()
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    stop = time.perf_counter() + seconds
+
+    def worker(bucket: list[float]) -> None:
+        while time.perf_counter() < stop:
+            start = time.perf_counter()
+            call()
+            bucket.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(b,)) for b in latencies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    flat = [x * 1e6 for b in latencies for x in b]
+    return {
+        "p50_us": round(percentile(flat, 50), 1),
+        "p99_us": round(percentile(flat, 99), 1),
+        "mean_us": round(statistics.fmean(flat), 1),
+        "rps": round(len(flat) / elapsed, 1),
+        "n": len(flat),
+    }

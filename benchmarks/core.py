@@ -1,0 +1,107 @@
+"""Section "core": bare runtime loop vs the daemon over HTTP (tritonclient),
+cold start and RSS. Everything in one run, so ratios are comparable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import measure
+from edged.bundle import open_bundle
+from edged.model import LoadedModel
+from edged.runtimes import RuntimeOptions
+from tests.helpers import DEMO_BUNDLES, DEMO_MODELS, REPO, start_daemon
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _bare(model_name: str, x: np.ndarray) -> dict[str, float]:
+    """The backend's own infer call on native tensors: no validation, no HTTP."""
+    model = LoadedModel.load(open_bundle(DEMO_BUNDLES / model_name), RuntimeOptions(threads=1))
+    spec = model.inputs["input"]
+    native = spec.quantization.quantize(x, np.dtype(spec.dtype)) if spec.quantization else x
+    result = measure(lambda: model.runtime.infer({"input": native}))
+    model.unload()
+    return result
+
+
+def _cold_start(tmp: Path) -> float:
+    start = time.perf_counter()
+    daemon = start_daemon(tmp, DEMO_BUNDLES)
+    elapsed = time.perf_counter() - start
+    daemon.stop()
+    return elapsed
+
+
+def run() -> dict:
+    import tritonclient.http as triton
+
+    subprocess.run([sys.executable, str(REPO / "scripts" / "build_demo.py"), "--out", str(DEMO_BUNDLES)], check=True)
+    results: dict = {"models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        results["cold_start_s"] = round(min(_cold_start(tmp_path / f"cold{i}") for i in range(3)), 3)
+        daemon = start_daemon(tmp_path / "bench", DEMO_BUNDLES)
+        try:
+            results["rss_mb_three_models"] = round(_rss_mb(daemon.proc.pid), 1)
+            for name in DEMO_MODELS:
+                with np.load(DEMO_BUNDLES / name / "samples.npz") as data:
+                    x = data["input:input"][:1]
+                row: dict = {"bare": _bare(name, x)}
+                for mode, binary in (("http_binary", True), ("http_json", False)):
+                    for concurrency in (1, 4):
+                        clients = {}
+
+                        def call(binary=binary) -> None:
+                            import threading
+
+                            ident = threading.get_ident()
+                            client = clients.get(ident)
+                            if client is None:
+                                client = clients[ident] = triton.InferenceServerClient(f"127.0.0.1:{daemon.port}")
+                            inp = triton.InferInput("input", list(x.shape), "FP32")
+                            inp.set_data_from_numpy(x, binary_data=binary)
+                            client.infer(name, [inp], outputs=[triton.InferRequestedOutput("logits", binary_data=binary)])
+
+                        row[f"{mode}_c{concurrency}"] = measure(call, concurrency=concurrency)
+                row["overhead_p50_us"] = round(row["http_binary_c1"]["p50_us"] - row["bare"]["p50_us"], 1)
+                results["models"][name] = row
+        finally:
+            daemon.stop()
+    return results
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "## core",
+        "",
+        "Bare loop: the backend's own infer call in-process, 1 thread, batch 1. HTTP: the daemon "
+        "as a subprocess, tritonclient.http from this process (c = client threads).",
+        "",
+        "| model | bare p50 µs | HTTP binary p50/p99 µs | HTTP JSON p50/p99 µs | binary req/s c1 / c4 | JSON req/s c1 / c4 | overhead p50 µs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["models"].items():
+        b1, j1 = r["http_binary_c1"], r["http_json_c1"]
+        lines.append(
+            f"| {name} | {r['bare']['p50_us']} | {b1['p50_us']} / {b1['p99_us']} | {j1['p50_us']} / {j1['p99_us']} | "
+            f"{b1['rps']} / {r['http_binary_c4']['rps']} | {j1['rps']} / {r['http_json_c4']['rps']} | {r['overhead_p50_us']} |"
+        )
+    lines += [
+        "",
+        f"- Cold start (`edged serve` to /v2/health/ready, three models, best of 3): {results['cold_start_s']} s (target ≤ 2 s)",
+        f"- RSS with the three demo models loaded: {results['rss_mb_three_models']} MB (target ≤ 150 MB)",
+        "- Overhead target: p50(HTTP binary) − p50(bare) ≤ 250 µs.",
+        "",
+    ]
+    return "\n".join(lines)

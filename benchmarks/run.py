@@ -1,0 +1,41 @@
+"""`make bench`: run every benchmark section in one process, write
+benchmarks/results/latest.json and BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ("core", "conversion", "mqtt")
+
+
+def main() -> None:
+    results: dict = {"machine": {"python": platform.python_version(), "arch": platform.machine(),
+                                 "cpus": __import__("os").cpu_count()},
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    parts = ["# Benchmarks", "", f"Measured {results['started']} on {results['machine']['arch']}, "
+             f"{results['machine']['cpus']} CPUs, Python {results['machine']['python']}, by `make bench` in one run. "
+             "Compare ratios within this file; absolute numbers vary between machines.", ""]
+    for section in SECTIONS:
+        try:
+            module = importlib.import_module(f"benchmarks.{section}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"benchmarks.{section}":
+                continue
+            raise
+        print(f"== {section}", flush=True)
+        results[section] = module.run()
+        parts.append(module.markdown(results[section]))
+    out = ROOT / "benchmarks" / "results" / "latest.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
+    print(f"wrote {out} and BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()
