@@ -16,21 +16,27 @@ def percentile(values: list[float], q: float) -> float:
 
 def measure(call: Callable[[], object], seconds: float = 2.0, concurrency: int = 1, warmup: int = 20) -> dict[str, float]:
     """Run ``call`` in ``concurrency`` threads for ``seconds``; latency in µs."""
-    for _ in range(warmup):
-        call()
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
-    stop = time.perf_counter() + seconds
+    barrier = threading.Barrier(concurrency + 1)
+    stop = [0.0]
 
     def worker(bucket: list[float]) -> None:
-        while time.perf_counter() < stop:
+        for _ in range(warmup):  # in this thread: some clients are per-thread
+            call()
+        barrier.wait()
+        barrier.wait()
+        while time.perf_counter() < stop[0]:
             start = time.perf_counter()
             call()
             bucket.append(time.perf_counter() - start)
 
-    start = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(b,)) for b in latencies]
     for t in threads:
         t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    stop[0] = start + seconds
+    barrier.wait()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
