@@ -24,8 +24,10 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Ask a running daemon about its models.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Inspect and verify model bundles (directories or .tar.gz).", no_args_is_help=True)
+profiles_app = typer.Typer(help="Hardware profiles (hw-profiles/*.toml): what each target runs.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(bundle_app, name="bundle")
+app.add_typer(profiles_app, name="profiles")
 
 URL_OPTION = typer.Option("http://127.0.0.1:8080", "--url", envvar="EDGED_URL", help="Base URL of the daemon.")
 
@@ -159,6 +161,32 @@ def bundle_verify(path: Path = typer.Argument(..., help="Bundle directory or .ta
         _fail(str(exc))
     m = bundle.manifest
     typer.echo(f"ok: {m.name} {m.version} ({m.runtime}), {len(m.files)} files verified")
+
+
+@profiles_app.command("list")
+def profiles_list() -> None:
+    """List every profile with its default output and precision."""
+    from edged import profiles
+
+    try:
+        found = profiles.all_profiles()
+    except EdgedError as exc:
+        _fail(str(exc))
+    for name, p in found.items():
+        typer.echo(f"{name:<18} {p.output:<9} {p.precision:<5} {p.description}")
+
+
+@profiles_app.command("show")
+def profiles_show(name: str = typer.Argument(..., help="Profile name, e.g. rpi4.")) -> None:
+    """Print one profile file."""
+    from edged import profiles
+
+    try:
+        profile = profiles.get_profile(name)
+    except EdgedError as exc:
+        _fail(str(exc))
+    typer.echo(f"# {profile.path}")
+    typer.echo(profile.path.read_text(), nl=False)
 
 
 def _cpu_flags() -> list[str]:
