@@ -1,0 +1,38 @@
+"""Model converters: a float32 ONNX model -> an edged bundle per target.
+
+Each target is one module behind the ``converters.base.Converter`` protocol:
+
+* ``onnx_qdq.OnnxQDQConverter``      ONNX int8 QDQ (or fp32/fp16)   edged[convert-onnx]
+* ``openvino_ir.OpenVinoConverter``  OpenVINO IR fp16 or int8        edged[convert-openvino]
+* ``tflite_int8.TFLiteInt8Converter`` full-integer int8 .tflite     edged[convert-tflite]
+
+Modules import their libraries lazily; a missing one raises
+``ConverterUnavailable`` naming the extra.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from converters.base import BundleInfo, ConversionError, Converter, ConverterUnavailable, UnsupportedOp
+
+__all__ = [
+    "BundleInfo", "ConversionError", "Converter", "ConverterUnavailable", "UnsupportedOp", "get_converter",
+]
+
+
+def get_converter(runtime: str, **options: Any) -> Converter:
+    """The converter that writes bundles for ``runtime`` (tflite, onnx, openvino)."""
+    if runtime == "onnx":
+        from converters.onnx_qdq import OnnxQDQConverter
+
+        return OnnxQDQConverter(**options)
+    if runtime == "openvino":
+        from converters.openvino_ir import OpenVinoConverter
+
+        return OpenVinoConverter(**options)
+    if runtime == "tflite":
+        from converters.tflite_int8 import TFLiteInt8Converter
+
+        return TFLiteInt8Converter(**options)
+    raise ConversionError(f"no converter for runtime {runtime!r}; known: onnx, openvino, tflite")

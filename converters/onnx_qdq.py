@@ -1,0 +1,160 @@
+"""ONNX fp32 -> ONNX int8 QDQ (onnxruntime.quantization), plus passthroughs.
+
+int8: ``quant_pre_process`` (shape inference + optimisation), then
+``quantize_static`` with QuantFormat.QDQ, activations QUInt8, weights QInt8,
+per-channel (unless the profile's ``[runtime.onnx] per_channel`` is false),
+MinMax calibration. Inputs and outputs stay float32.
+
+fp32: the source model copied as is. fp16: onnxconverter-common's
+``convert_float_to_float16`` with float32 inputs/outputs kept, when installed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converters.base import (
+    BundleInfo,
+    ConversionError,
+    ConverterUnavailable,
+    dist_version,
+    finish_bundle,
+    load_onnx,
+    onnx_io_names,
+    onnx_reference,
+    profile_option,
+    require,
+)
+from edged.bundle import Bundle
+from edged.tensors import TensorSpec
+
+EXTRA = "convert-onnx"
+LAYOUTS = {2: "NC", 3: "NCW", 4: "NCHW"}
+_ELEM = {1: "float32", 10: "float16", 11: "float64", 3: "int8", 2: "uint8", 6: "int32", 7: "int64"}
+
+
+def onnx_specs(model: Any, layouts: dict[str, str] | None = None) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """TensorSpecs of an ONNX model's graph inputs and outputs (symbolic dims -> -1)."""
+    inits = {i.name for i in model.graph.initializer}
+
+    def spec(vi: Any) -> TensorSpec:
+        tt = vi.type.tensor_type
+        shape = tuple(int(d.dim_value) if d.HasField("dim_value") else -1 for d in tt.shape.dim)
+        layout = (layouts or {}).get(vi.name, LAYOUTS.get(len(shape), ""))
+        return TensorSpec(vi.name, _ELEM.get(tt.elem_type, "float32"), shape, layout)
+
+    return (
+        [spec(i) for i in model.graph.input if i.name not in inits],
+        [spec(o) for o in model.graph.output],
+    )
+
+
+class OnnxQDQConverter:
+    """ONNX -> ONNX bundle (int8 QDQ, fp16 or fp32)."""
+
+    name = "onnx_qdq"
+    runtime = "onnx"
+    extra = EXTRA
+
+    def __init__(self, precision: str | None = None, per_channel: bool | None = None) -> None:
+        self.precision = precision
+        self.per_channel = per_channel
+
+    def convert(self, source: Path, profile: Any, calibration: np.ndarray, *, dest: Path, info: BundleInfo) -> Bundle:
+        ort = require("onnxruntime", EXTRA, "the ONNX converter")
+        source = Path(source)
+        model = load_onnx(source, EXTRA)
+        input_names, _ = onnx_io_names(model)
+        if len(input_names) != 1:
+            raise ConversionError(f"{source.name}: calibration supports one model input, found {len(input_names)}")
+        precision = self.precision or getattr(profile, "precision", None) or "int8"
+        per_channel = self.per_channel if self.per_channel is not None else bool(
+            profile_option(profile, "onnx", "per_channel", True)
+        )
+        calibration = np.asarray(calibration, dtype=np.float32)
+        tools = {"onnx": dist_version("onnx"), "onnxruntime": dist_version("onnxruntime")}
+        provenance: dict[str, Any] = {"converter": self.name, "precision": precision, "tools": tools}
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-onnx-", dir=dest.parent))
+        try:
+            out = work / "model.onnx"
+            if precision == "fp32":
+                shutil.copyfile(source, out)
+            elif precision == "fp16":
+                try:
+                    from onnxconverter_common import float16
+                except ImportError:
+                    raise ConverterUnavailable(
+                        "ONNX fp16 needs onnxconverter-common: pip install onnxconverter-common"
+                    ) from None
+                import onnx
+
+                onnx.save(float16.convert_float_to_float16(model, keep_io_types=True), str(out))
+                tools["onnxconverter-common"] = dist_version("onnxconverter-common")
+            elif precision == "int8":
+                self._quantize(ort, source, out, work, input_names[0], calibration, per_channel)
+                provenance.update(
+                    format="QDQ", activations="QUInt8", weights="QInt8",
+                    per_channel=per_channel, calibration_method="MinMax",
+                )
+            else:
+                raise ConversionError(f"unknown precision {precision!r}; expected int8, fp16 or fp32")
+            import onnx
+
+            inputs, outputs = onnx_specs(onnx.load(str(out)))
+            return finish_bundle(
+                dest=dest, info=info, profile=profile, runtime="onnx", model_file="model.onnx",
+                files={"model.onnx": out}, inputs=inputs, outputs=outputs, calibration=calibration,
+                reference=lambda x: onnx_reference(source, x), source=source, provenance=provenance,
+            )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    @staticmethod
+    def _quantize(ort: Any, source: Path, out: Path, work: Path, input_name: str,
+                  calibration: np.ndarray, per_channel: bool) -> None:
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self._batches = iter(calibration[i:i + 1] for i in range(len(calibration)))
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                batch = next(self._batches, None)
+                return None if batch is None else {input_name: batch}
+
+        prepared = work / "prepared.onnx"
+        # Symbolic shape inference needs sympy; ONNX shape inference is enough
+        # for models with static non-batch dims, so skip it when sympy is absent.
+        import importlib.util
+
+        symbolic = importlib.util.find_spec("sympy") is not None
+        try:
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=not symbolic)
+        except Exception as exc:
+            raise ConversionError(f"{source.name}: quant_pre_process failed: {exc}") from None
+        try:
+            quantize_static(
+                str(prepared), str(out), Reader(),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=per_channel,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"CalibTensorRangeSymmetric": False},
+            )
+        except Exception as exc:
+            raise ConversionError(f"{source.name}: quantize_static failed: {exc}") from None

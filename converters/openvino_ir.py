@@ -1,0 +1,114 @@
+"""ONNX fp32 -> OpenVINO IR (model.xml + model.bin), fp16 or int8.
+
+``ov.convert_model`` with a static input shape (every dimension but the
+batch, which stays dynamic unless ``batch`` is given), then either
+``ov.save_model(compress_to_fp16=True)`` (fp16) or ``nncf.quantize`` with the
+calibration data (int8, weights and activations; inputs stay float32).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converters.base import (
+    BundleInfo,
+    ConversionError,
+    ConverterUnavailable,
+    dist_version,
+    finish_bundle,
+    load_onnx,
+    onnx_io_names,
+    onnx_reference,
+    require,
+)
+from edged.bundle import Bundle
+from edged.tensors import TensorSpec
+
+EXTRA = "convert-openvino"
+LAYOUTS = {2: "NC", 3: "NCW", 4: "NCHW"}
+
+
+def _specs(ports: Any) -> list[TensorSpec]:
+    specs = []
+    for port in ports:
+        shape = tuple(-1 if d.is_dynamic else d.get_length() for d in port.get_partial_shape())
+        dtype = np.dtype(port.get_element_type().to_dtype()).name
+        specs.append(TensorSpec(port.get_any_name(), dtype, shape, LAYOUTS.get(len(shape), "")))
+    return specs
+
+
+class OpenVinoConverter:
+    """ONNX -> OpenVINO IR bundle."""
+
+    name = "openvino_ir"
+    runtime = "openvino"
+    extra = EXTRA
+
+    def __init__(self, precision: str | None = None, batch: int | None = None) -> None:
+        self.precision = precision
+        self.batch = batch  # None: dynamic batch dimension
+
+    def convert(self, source: Path, profile: Any, calibration: np.ndarray, *, dest: Path, info: BundleInfo) -> Bundle:
+        ov = require("openvino", EXTRA, "the OpenVINO converter")
+        source = Path(source)
+        model = load_onnx(source, EXTRA)
+        input_names, _ = onnx_io_names(model)
+        if len(input_names) != 1:
+            raise ConversionError(f"{source.name}: calibration supports one model input, found {len(input_names)}")
+        calibration = np.asarray(calibration, dtype=np.float32)
+        precision = self.precision or getattr(profile, "precision", None) or "fp16"
+        shape = [self.batch or -1, *calibration.shape[1:]]
+        try:
+            ov_model = ov.convert_model(str(source), input=[(input_names[0], ov.PartialShape(shape))])
+        except Exception as exc:
+            raise ConversionError(f"{source.name}: openvino convert_model failed: {exc}") from None
+        tools = {"openvino": dist_version("openvino"), "onnx": dist_version("onnx")}
+        provenance: dict[str, Any] = {
+            "converter": self.name, "precision": precision, "input_shape": shape, "tools": tools,
+        }
+        if precision == "int8":
+            try:
+                nncf = require("nncf", EXTRA, "OpenVINO int8 quantization")
+            except ConverterUnavailable:
+                raise
+            tools["nncf"] = dist_version("nncf")
+            dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
+            try:
+                ov_model = nncf.quantize(ov_model, dataset, subset_size=len(calibration))
+            except Exception as exc:
+                raise ConversionError(f"{source.name}: nncf.quantize failed: {exc}") from None
+            compress = False
+        elif precision in ("fp16", "fp32"):
+            compress = precision == "fp16"
+        else:
+            raise ConversionError(f"unknown precision {precision!r}; expected int8, fp16 or fp32")
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-ov-", dir=dest.parent))
+        try:
+            xml = work / "model.xml"
+            ov.save_model(ov_model, str(xml), compress_to_fp16=compress)
+            compiled = ov.Core().read_model(str(xml))
+            inputs, outputs = _specs(compiled.inputs), _specs(compiled.outputs)
+
+            def reference(x: np.ndarray) -> dict[str, np.ndarray]:
+                try:
+                    return onnx_reference(source, x)
+                except ConverterUnavailable:
+                    fp32 = ov.Core().compile_model(str(source), "CPU")
+                    result = fp32({input_names[0]: x})
+                    return {p.get_any_name(): np.asarray(result[p]) for p in fp32.outputs}
+
+            return finish_bundle(
+                dest=dest, info=info, profile=profile, runtime="openvino", model_file="model.xml",
+                files={"model.xml": xml, "model.bin": work / "model.bin"},
+                inputs=inputs, outputs=outputs, calibration=calibration, reference=reference,
+                source=source, provenance=provenance,
+            )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
