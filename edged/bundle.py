@@ -310,6 +310,7 @@ def write_bundle(
                 manifest.files[rel] = FileEntry(sha256=sha256_file(file), size=file.stat().st_size)
         manifest.validate("bundle")
         (staging / MANIFEST).write_text(manifest.to_json())
+        staging.chmod(0o755)  # mkdtemp makes 0700; the daemon may run as another user
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -115,14 +115,14 @@ class LoadedModel:
 
     def validate(self, inputs: dict[str, np.ndarray]) -> None:
         """Check names, dtypes and shapes before anything reaches the runtime."""
-        missing = [n for n in self.inputs if n not in inputs]
-        if missing:
-            raise InvalidInput(f"missing input tensor(s) {', '.join(missing)} for model {self.name}")
         unknown = [n for n in inputs if n not in self.inputs]
         if unknown:
             raise InvalidInput(
                 f"unknown input tensor(s) {', '.join(unknown)}; model {self.name} expects {', '.join(self.inputs)}"
             )
+        missing = [n for n in self.inputs if n not in inputs]
+        if missing:
+            raise InvalidInput(f"missing input tensor(s) {', '.join(missing)} for model {self.name}")
         for name, array in inputs.items():
             spec = self.inputs[name]
             if array.dtype.name not in spec.accepted_dtypes():

@@ -122,7 +122,7 @@ def test_binary_size_mismatch_400(daemon):
 
 
 def test_body_over_limit_413(small_limit_daemon):
-    payload = json.dumps(infer_body(shape=(200, 1, 8, 8))).encode()
+    payload = json.dumps(infer_body(shape=(300, 1, 8, 8))).encode()
     assert len(payload) > LIMIT
     status, raw, _ = http("POST", small_limit_daemon.url + "/v2/models/digits-onnx/infer", payload)
     check_error(status, json.loads(raw), 413, "limit", str(LIMIT))
