@@ -226,5 +226,8 @@ def doctor() -> None:
         typer.echo(f"hw-profile: none ({exc})")
 
 
+from edged.cli_convert import convert as _convert  # noqa: E402  (heavy imports stay lazy inside)
+app.command("convert")(_convert)
+
 if __name__ == "__main__":
     app()
