@@ -1,0 +1,46 @@
+import threading
+
+import numpy as np
+import pytest
+
+from edged.config import Config
+from edged.dataplane import DataPlane, InferenceRequest
+from edged.errors import ModelNotFound, Overloaded
+from edged.metrics import Metrics
+from edged.registry import ModelRegistry
+from tests.unit.tiny_model import write_tiny_bundle
+
+
+@pytest.fixture()
+def plane(tmp_path):
+    write_tiny_bundle(tmp_path / "models" / "tiny")
+    config = Config(models_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state"), max_concurrency=1, max_queue=1)
+    metrics = Metrics()
+    dataplane = DataPlane(config, ModelRegistry(config, metrics), metrics)
+    dataplane.start()
+    yield dataplane
+    dataplane.stop()
+
+
+def test_concurrency_limit_queues_then_refuses(plane):
+    entry = plane.registry.get("tiny")
+    entry.acquire()  # the one running slot is taken
+    queued = threading.Thread(target=lambda: entry.release() if entry.acquire() else None)
+    queued.start()  # waits in the queue
+    deadline = 100
+    while entry.pending < 2 and deadline:
+        threading.Event().wait(0.01)
+        deadline -= 1
+    request = InferenceRequest(model="tiny", inputs={"input": np.ones((1, 4), np.float32)})
+    with pytest.raises(Overloaded, match="limit of 1 running and 1 queued"):
+        plane.infer(request, "test")
+    entry.release()
+    queued.join(5)
+    assert plane.infer(request, "test").outputs["y"].shape == (1, 3)
+    text = plane.metrics.exposition().decode()
+    assert 'edged_inference_failures_total{code="overloaded",model="tiny",transport="test",version="1.0.0"} 1.0' in text
+
+
+def test_unknown_model(plane):
+    with pytest.raises(ModelNotFound, match="known models: tiny"):
+        plane.infer(InferenceRequest(model="nope", inputs={}), "test")
