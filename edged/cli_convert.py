@@ -436,12 +436,14 @@ def convert_one(
 ) -> dict[str, Any]:
     """Convert for one profile into ``out_dir/bundle_name`` (atomically) and
     return {"bundle": path, "report": ..., "plan": ..., "seconds": ...}."""
+    from rich.markup import escape
+
     from converters.base import BundleInfo
     from edged.bundle import open_bundle, write_bundle
 
     plan = plan_for(profile, source)
     for note in plan.notes:
-        console.print(f"[yellow]note[/]: {profile.name}: {note}")
+        console.print(f"[yellow]note[/]: {profile.name}: {escape(note)}", highlight=False)
     converter = make_converter(plan, profile)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{bundle_name}-staging-", dir=out_dir))
@@ -546,12 +548,13 @@ def convert(
 ) -> None:
     """Convert a float32 ONNX model into a quantized, validated bundle for a hardware profile."""
     from rich.console import Console
+    from rich.markup import escape
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)  # errors stay on one line, greppable
     console = Console()
 
     def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-        err.print(f"[red]error[/]: {message}", highlight=False)
+        err.print(f"[red]error[/]: {escape(message)}", highlight=False)
         raise typer.Exit(code)
 
     from converters.base import UnsupportedOp
@@ -623,25 +626,25 @@ def convert(
                     calib_note=calib_note, console=err, runs=latency_runs,
                 )
             except Skipped as exc:
-                err.print(f"[yellow]skipped[/] {prof.name}: {exc}")
+                err.print(f"[yellow]skipped[/] {prof.name}: {escape(str(exc))}", highlight=False)
                 results.append((prof.name, "skipped", str(exc)))
                 continue
             except UnsupportedOp as exc:
                 if not all_profiles:
                     fail(str(exc))
-                err.print(f"[yellow]skipped[/] {prof.name}: {exc}", highlight=False)
+                err.print(f"[yellow]skipped[/] {prof.name}: {escape(str(exc))}", highlight=False)
                 results.append((prof.name, "skipped", str(exc)))
                 continue
             except AccuracyGateFailed as exc:
                 console.print(report_table(exc.report, f"{bundle_name}: validation report (FAILED)"))
-                err.print(f"[red]error[/]: {exc}", highlight=False)
+                err.print(f"[red]error[/]: {escape(str(exc))}", highlight=False)
                 results.append((prof.name, "failed", str(exc)))
                 exit_code = max(exit_code, EXIT_ACCURACY)
                 continue
             except EdgedError as exc:
                 if not all_profiles:
                     fail(str(exc))
-                err.print(f"[red]failed[/] {prof.name}: {exc}", highlight=False)
+                err.print(f"[red]failed[/] {prof.name}: {escape(str(exc))}", highlight=False)
                 results.append((prof.name, "failed", str(exc)))
                 exit_code = max(exit_code, EXIT_BAD_INPUT)
                 continue
@@ -655,7 +658,7 @@ def convert(
             for col in ("profile", "status", "bundle / reason"):
                 summary.add_column(col)
             for row in results:
-                summary.add_row(*row)
+                summary.add_row(*(escape(c) for c in row))
             console.print(summary)
         if exit_code:
             raise typer.Exit(exit_code)
