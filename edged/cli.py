@@ -37,6 +37,12 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+from edged.cli_install import install, uninstall  # noqa: E402
+
+app.command()(install)
+app.command()(uninstall)
+
+
 @app.command()
 def version() -> None:
     """Print the edged version."""
@@ -60,13 +66,10 @@ def serve(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    daemon = Daemon(cfg, str(config) if config else None)
-    try:
-        from edged import extensions
+    from edged import extensions
 
-        extensions.attach(daemon)
-    except ImportError:
-        pass
+    daemon = Daemon(cfg, str(config) if config else None)
+    extensions.attach(daemon)
     try:
         asyncio.run(daemon.run())
     except OSError as exc:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Callable, Protocol
+from typing import Awaitable, Callable, Protocol
 
 from edged.config import Config, load_config
 from edged.dataplane import DataPlane
@@ -41,6 +41,9 @@ class Daemon:
         self.status_listeners: list[Callable[[str], None]] = []
         self.ready_listeners: list[Callable[[], None]] = []
         self.stopping_listeners: list[Callable[[], None]] = []
+        self.reloading_listeners: list[Callable[[], None]] = []
+        # Coroutines run on the loop for the daemon's whole life (e.g. watchdog pings).
+        self.loop_tasks: list[Callable[[], Awaitable[None]]] = []
         self._stop = asyncio.Event()
 
     def status(self, message: str) -> None:
@@ -53,6 +56,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        background = [asyncio.ensure_future(task()) for task in self.loop_tasks]
         if self.config.http.enabled:
             await self.http.start()
         self.status(f"loading models from {self.config.models_path}")
@@ -75,19 +79,27 @@ class Daemon:
             await service.stop()
         await self.http.stop()
         await asyncio.to_thread(self.dataplane.stop)
+        for task in background:
+            task.cancel()
 
     def request_stop(self) -> None:
         self._stop.set()
 
     async def reload(self) -> None:
         """Re-read models (new bundles load before old ones unload)."""
+        for listener in self.reloading_listeners:
+            listener()
         self.status("reloading models")
         if self.config_path:
             try:
                 fresh = load_config(self.config_path)
             except Exception as exc:
                 self.status(f"reload refused, config invalid: {exc}")
+                for listener in self.ready_listeners:
+                    listener()
                 return
             self.config.load, self.config.versions = fresh.load, fresh.versions
         await asyncio.to_thread(self.registry.load_initial)
         self.status(f"reloaded: {sum(1 for e in self.registry.index() if e.ready)} model version(s) ready")
+        for listener in self.ready_listeners:
+            listener()

@@ -12,3 +12,6 @@ if TYPE_CHECKING:
 
 def attach(daemon: "Daemon") -> None:
     """Attach every optional service the daemon's config enables."""
+    from edged import sdnotify
+
+    sdnotify.attach(daemon)
