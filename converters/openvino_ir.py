@@ -34,12 +34,12 @@ LAYOUTS = {2: "NC", 3: "NCW", 4: "NCHW"}
 
 
 def _specs(ports: Any) -> list[TensorSpec]:
-    specs = []
-    for port in ports:
-        shape = tuple(-1 if d.is_dynamic else d.get_length() for d in port.get_partial_shape())
-        dtype = np.dtype(port.get_element_type().to_dtype()).name
-        specs.append(TensorSpec(port.get_any_name(), dtype, shape, LAYOUTS.get(len(shape), "")))
-    return specs
+    """The daemon's own reading of each port, plus a layout from the rank."""
+    from dataclasses import replace
+
+    from edged.runtimes.openvino import port_spec
+
+    return [replace(spec, layout=LAYOUTS.get(len(spec.shape), "")) for spec in map(port_spec, ports)]
 
 
 class OpenVinoConverter:

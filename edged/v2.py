@@ -26,13 +26,14 @@ class DecodedRequest:
     all_binary: bool  # binary_data_output: every output as binary
 
 
-def _json_object(raw: bytes) -> dict[str, Any]:
+def parse_json_object(raw: bytes, expected: str = "a JSON object with an 'inputs' list") -> dict[str, Any]:
+    """Decode a JSON object body, or raise InvalidInput saying what was wrong."""
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidInput(f"malformed JSON in request body: {exc}") from None
     if not isinstance(data, dict):
-        raise InvalidInput("request body must be a JSON object with an 'inputs' list")
+        raise InvalidInput(f"request body must be {expected}")
     return data
 
 
@@ -51,10 +52,10 @@ def decode_request(model: str, version: str | None, body: bytes, header_length: 
             raise InvalidInput(
                 f"{HEADER_LENGTH} is {header_length} but the body has only {len(body)} bytes"
             )
-        data = _json_object(body[:header_length])
+        data = parse_json_object(body[:header_length])
         binary = memoryview(body)[header_length:]
     else:
-        data = _json_object(body)
+        data = parse_json_object(body)
         binary = memoryview(b"")
     raw_inputs = data.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:

@@ -12,7 +12,8 @@ from edged.runtimes import RuntimeOptions
 from edged.tensors import TensorSpec
 
 
-def _spec(port: Any) -> TensorSpec:
+def port_spec(port: Any) -> TensorSpec:
+    """A TensorSpec read from an OpenVINO port (dynamic dims -> -1)."""
     shape = tuple(-1 if d.is_dynamic else d.get_length() for d in port.get_partial_shape())
     dtype = np.dtype(port.get_element_type().to_dtype()).name
     return TensorSpec(name=port.get_any_name(), dtype=dtype, shape=shape)
@@ -40,8 +41,8 @@ class OpenVinoRuntime:
             config["INFERENCE_NUM_THREADS"] = options.threads
         device = str(options.extra.get("device", "CPU"))
         self._compiled = core.compile_model(model_path, device, config)
-        self.inputs = [_spec(p) for p in self._compiled.inputs]
-        self.outputs = [_spec(p) for p in self._compiled.outputs]
+        self.inputs = [port_spec(p) for p in self._compiled.inputs]
+        self.outputs = [port_spec(p) for p in self._compiled.outputs]
         for _ in range(int(options.extra.get("requests", 4))):
             self._requests.put(self._compiled.create_infer_request())
 

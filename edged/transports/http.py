@@ -16,7 +16,7 @@ from aiohttp import web
 
 from edged.dataplane import DataPlane
 from edged.errors import EdgedError, InvalidInput, PayloadTooLarge
-from edged.v2 import HEADER_LENGTH, decode_request, encode_response
+from edged.v2 import HEADER_LENGTH, decode_request, encode_response, parse_json_object
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +152,7 @@ class HttpTransport:
         raw = await self._read(request)
         if not raw.strip():
             return {}
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidInput(f"malformed JSON in request body: {exc}") from None
-        if not isinstance(data, dict):
-            raise InvalidInput("request body must be a JSON object")
-        return data
+        return parse_json_object(raw, "a JSON object")
 
     async def repository_index(self, request: web.Request) -> web.Response:
         data = await self._json_body(request)
