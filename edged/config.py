@@ -38,6 +38,38 @@ class HttpConfig:
 
 
 @dataclass
+class MqttConfig:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str = ""
+    password: str = ""
+    tls: bool = False
+    ca_file: str = ""  # with tls: CA bundle ("" = system CAs)
+    cert_file: str = ""  # client certificate (mutual TLS)
+    key_file: str = ""
+    topic_prefix: str = "edged"
+    qos: int = 1
+    keepalive: int = 30
+    publish_http_results: bool = False  # also publish results of HTTP inference
+    outbox_max_rows: int = 100_000
+    outbox_max_age_s: float = 7 * 86400.0
+    outbox_drop_policy: str = "drop_oldest"  # or drop_newest
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 30.0
+
+
+@dataclass
+class PushConfig:
+    enabled: bool = False
+    url: str = "127.0.0.1:9091"  # Pushgateway host:port (or http://host:port)
+    interval_s: float = 15.0
+    timeout_s: float = 3.0
+    job: str = "edged"
+    delete_on_shutdown: bool = True
+
+
+@dataclass
 class Config:
     models_dir: str = "models"
     state_dir: str = ".edged-state"
@@ -49,8 +81,17 @@ class Config:
     warmup_runs: int = 3
     log_level: str = "info"
     runtime_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    device_id: str = ""  # "" = this machine's hostname
     http: HttpConfig = field(default_factory=HttpConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    push: PushConfig = field(default_factory=PushConfig)
     source: str = "<defaults>"
+
+    @property
+    def device(self) -> str:
+        import socket
+
+        return self.device_id or socket.gethostname()
 
     def resolve(self, path: str) -> Path:
         """A path from the config, relative to the config file's directory."""
@@ -143,6 +184,14 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"{src}: key {key} must be at least 1")
     if config.threads < 0:
         raise ConfigError(f"{src}: key threads must be 0 (default) or more")
+    if config.mqtt.qos not in (0, 1, 2):
+        raise ConfigError(f"{src}: key mqtt.qos must be 0, 1 or 2, got {config.mqtt.qos}")
+    if config.mqtt.outbox_drop_policy not in ("drop_oldest", "drop_newest"):
+        raise ConfigError(f"{src}: key mqtt.outbox_drop_policy must be drop_oldest or drop_newest")
+    if not 0 < config.mqtt.port < 65536:
+        raise ConfigError(f"{src}: key mqtt.port must be 1-65535, got {config.mqtt.port}")
+    if config.push.interval_s <= 0:
+        raise ConfigError(f"{src}: key push.interval_s must be positive")
     if config.http.max_body_bytes < 1024:
         raise ConfigError(f"{src}: key http.max_body_bytes must be at least 1024")
 

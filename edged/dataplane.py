@@ -9,7 +9,8 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+import logging
+from typing import Any, Callable
 
 import numpy as np
 
@@ -18,6 +19,8 @@ from edged.config import Config
 from edged.errors import EdgedError, InferenceFailed, InvalidInput
 from edged.metrics import Metrics
 from edged.registry import ModelEntry, ModelRegistry
+
+log = logging.getLogger(__name__)
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics_metrics"]
 
@@ -49,6 +52,8 @@ class DataPlane:
         self.metrics = metrics
         self.started = time.time()
         self._startup_done = threading.Event()
+        # Called with (request, response, transport) after each successful inference.
+        self.result_listeners: list[Callable[[InferenceRequest, InferenceResponse, str], None]] = []
 
     # -- lifecycle --------------------------------------------------------
     def start(self) -> None:
@@ -116,6 +121,11 @@ class DataPlane:
                 self.metrics.requests.labels(request.model, version_label, transport).inc()
             self.metrics.failures.labels(request.model, version_label, transport, exc.code).inc()
             raise
+        for listener in self.result_listeners:
+            try:
+                listener(request, response, transport)
+            except Exception:  # a listener must never fail the request
+                log.exception("result listener failed")
         return response
 
     def _run(self, entry: ModelEntry, request: InferenceRequest) -> InferenceResponse:

@@ -15,3 +15,11 @@ def attach(daemon: "Daemon") -> None:
     from edged import sdnotify
 
     sdnotify.attach(daemon)
+    if daemon.config.mqtt.enabled:
+        from edged.transports.mqtt import MqttTransport
+
+        daemon.services.append(MqttTransport(daemon.config, daemon.dataplane))
+    if daemon.config.push.enabled:
+        from edged.push import MetricsPusher
+
+        daemon.services.append(MetricsPusher(daemon.config, daemon.metrics))

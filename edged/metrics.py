@@ -6,7 +6,12 @@ Pushgateway, so both always agree.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pathlib import Path
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
@@ -49,6 +54,38 @@ class Metrics:
             ["model", "version"], registry=r,
         )
         self.models_loaded = Gauge("edged_models_loaded", "Model versions loaded and ready.", registry=r)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds
+        r.register(DeviceCollector())
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class DeviceCollector(Collector):
+    """CPU temperature and throttling, where /sys exposes them (Raspberry Pi,
+    Jetson, most x86 laptops); nothing on machines that do not."""
+
+    def __init__(self, sys_root: Path = Path("/sys")) -> None:
+        self.sys_root = sys_root
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        temps = GaugeMetricFamily("edged_device_temperature_celsius", "Thermal zone temperatures.", labels=["zone", "type"])
+        found = False
+        for zone in sorted((self.sys_root / "class" / "thermal").glob("thermal_zone*")):
+            try:
+                milli = int((zone / "temp").read_text().strip())
+                kind = (zone / "type").read_text().strip()
+            except (OSError, ValueError):
+                continue
+            temps.add_metric([zone.name, kind], milli / 1000.0)
+            found = True
+        if found:
+            yield temps
+        throttled = self.sys_root / "devices" / "platform" / "soc" / "soc:firmware" / "get_throttled"
+        try:
+            value = int(throttled.read_text().strip(), 16)
+        except (OSError, ValueError):
+            return
+        family = GaugeMetricFamily("edged_device_throttled", "1 while the firmware reports throttling (Raspberry Pi get_throttled bit 2).")
+        family.add_metric([], 1.0 if value & 0x4 else 0.0)
+        yield family

@@ -1,0 +1,305 @@
+"""MQTT v5 transport (paho-mqtt 2): thin like HTTP — decode, call the data plane, encode.
+
+Topics (prefix ``edged`` by default, device = ``device_id`` or the hostname):
+
+- ``{prefix}/{device}/infer/{model}``: requests. MQTT v5 request/response: the reply
+  goes to the Response Topic with the same Correlation Data, else to
+  ``{prefix}/{device}/result/{model}``.
+- ``{prefix}/{device}/status``: retained ``online`` summary; the Last Will sets ``offline``.
+- ``{prefix}/{device}/events``: model load/unload events.
+
+Results of HTTP inference (``publish_http_results``) and events go through the
+durable outbox: delivered at least once, in order, after the broker is back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import ssl
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from prometheus_client import Counter, Gauge
+
+from edged import __version__
+from edged.config import Config
+from edged.dataplane import DataPlane, InferenceRequest, InferenceResponse
+from edged.errors import EdgedError, InvalidInput
+from edged.outbox import Outbox
+from edged.registry import ModelEntry
+from edged.tensors import V2_TO_NUMPY, numpy_dtype, v2_datatype
+from edged.v2 import decode_request, encode_response
+
+log = logging.getLogger(__name__)
+
+RAW_CONTENT_TYPE = "application/x-edged-tensor"
+JSON_CONTENT_TYPE = "application/json"
+
+
+def _user_properties(props: Any) -> dict[str, str]:
+    return dict(getattr(props, "UserProperty", None) or [])
+
+
+def decode_raw(model: str, payload: bytes, user: dict[str, str]) -> InferenceRequest:
+    """Raw tensor bytes with dtype and shape (and optionally input) in user properties."""
+    if "dtype" not in user or "shape" not in user:
+        raise InvalidInput(f"raw tensor payload ({RAW_CONTENT_TYPE}) needs user properties 'dtype' and 'shape'")
+    name = user["dtype"]
+    dtype = numpy_dtype(name) if name in V2_TO_NUMPY else None
+    if dtype is None:
+        try:
+            dtype = np.dtype(name)
+        except TypeError:
+            raise InvalidInput(f"user property dtype {name!r} is not a numpy or V2 dtype") from None
+    try:
+        text = user["shape"].strip().strip("[]")
+        shape = tuple(int(d) for d in text.split(",") if d.strip())
+    except ValueError:
+        raise InvalidInput(f"user property shape {user['shape']!r} is not a list of integers") from None
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(payload) != expected:
+        raise InvalidInput(f"raw tensor of shape {list(shape)} {dtype.name} needs {expected} bytes, got {len(payload)}")
+    array = np.frombuffer(payload, dtype=dtype).reshape(shape)
+    return InferenceRequest(model=model, inputs={user.get("input", ""): array}, version=user.get("version") or None)
+
+
+class MqttTransport:
+    """Subscribes to infer topics, answers requests, drains the outbox."""
+
+    def __init__(self, config: Config, dataplane: DataPlane) -> None:
+        self.config = config
+        self.cfg = config.mqtt
+        self.dataplane = dataplane
+        self.device = config.device
+        prefix = self.cfg.topic_prefix.rstrip("/")
+        self.base = f"{prefix}/{self.device}"
+        self.outbox = Outbox(
+            config.state_path / "outbox.sqlite", self.cfg.outbox_max_rows, self.cfg.outbox_max_age_s,
+            self.cfg.outbox_drop_policy,
+        )
+        self.started = time.time()
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="edged-mqtt")
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox id
+        self._early_acks: set[int] = set()
+        self._inflight_lock = threading.Lock()
+        self._sent_up_to = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._drainer: threading.Thread | None = None
+        self._setup_metrics()
+        self.client = self._make_client()
+
+    # -- setup ------------------------------------------------------------
+    def _setup_metrics(self) -> None:
+        r = self.dataplane.metrics.registry
+        self.m_connected = Gauge("edged_mqtt_connected", "1 while connected to the MQTT broker.", registry=r)
+        self.m_reconnects = Counter("edged_mqtt_reconnects", "Connections to the broker after the first.", registry=r)
+        self.m_dropped = Counter("edged_outbox_dropped", "Outbox messages dropped by its size or age bound.", registry=r)
+        depth = Gauge("edged_outbox_depth", "Messages waiting in the outbox.", registry=r)
+        depth.set_function(self.outbox.depth)
+        age = Gauge("edged_outbox_oldest_age_seconds", "Age of the oldest message in the outbox.", registry=r)
+        age.set_function(self.outbox.oldest_age)
+        self._dropped_seen = 0
+        self._connections = 0
+
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"edged-{self.device}", protocol=mqtt.MQTTv5,
+        )
+        if self.cfg.username:
+            client.username_pw_set(self.cfg.username, self.cfg.password or None)
+        if self.cfg.tls:
+            client.tls_set(
+                ca_certs=self.cfg.ca_file or None, certfile=self.cfg.cert_file or None,
+                keyfile=self.cfg.key_file or None, tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        client.will_set(f"{self.base}/status", json.dumps({"state": "offline", "device": self.device}), qos=1, retain=True)
+        client.reconnect_delay_set(self._jittered_min(), max(self.cfg.reconnect_max_s, self.cfg.reconnect_min_s))
+        client.max_inflight_messages_set(100)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        return client
+
+    def _jittered_min(self) -> float:
+        """Exponential backoff (paho doubles up to the max) with a random start, so a
+        fleet that lost the same broker does not reconnect in lock-step."""
+        return self.cfg.reconnect_min_s * random.uniform(0.5, 1.5)
+
+    # -- lifecycle (Service) ----------------------------------------------
+    async def start(self) -> None:
+        self.dataplane.registry.listeners.append(self._on_model_event)
+        if self.cfg.publish_http_results:
+            self.dataplane.result_listeners.append(self._on_result)
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
+        self.client.loop_start()
+        self._drainer = threading.Thread(target=self._drain_loop, name="edged-outbox", daemon=True)
+        self._drainer.start()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self.client.is_connected():
+            info = self.client.publish(f"{self.base}/status", json.dumps({"state": "offline", "device": self.device}), qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=2)
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
+        if self._drainer is not None:
+            self._drainer.join(timeout=5)
+        self.executor.shutdown(wait=True)
+        self.outbox.close()
+
+    # -- paho callbacks (network thread: keep them short) ------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.warning("MQTT connect to %s:%d refused: %s", self.cfg.host, self.cfg.port, reason)
+            return
+        self._connections += 1
+        if self._connections > 1:
+            self.m_reconnects.inc()
+        self.m_connected.set(1)
+        log.info("MQTT connected to %s:%d as %s", self.cfg.host, self.cfg.port, self.device)
+        client.subscribe(f"{self.base}/infer/+", qos=self.cfg.qos)
+        client.publish(f"{self.base}/status", json.dumps(self.status_summary()), qos=1, retain=True)
+        with self._inflight_lock:
+            self._inflight.clear()
+            self._early_acks.clear()
+            self._sent_up_to = 0  # resend everything not yet acknowledged, in order
+        self._wake.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self.m_connected.set(0)
+        client.reconnect_delay_set(self._jittered_min(), max(self.cfg.reconnect_max_s, self.cfg.reconnect_min_s))
+        log.warning("MQTT disconnected: %s", reason)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        # paho calls this holding its own message lock: never publish from here.
+        with self._inflight_lock:
+            row = self._inflight.pop(mid, None)
+            if row is None:
+                self._early_acks.add(mid)  # PUBACK raced ahead of _drain_loop's bookkeeping
+        if row is not None:
+            self.outbox.ack(row)
+            self._wake.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.executor.submit(self._handle_request, message)
+
+    # -- requests -----------------------------------------------------------
+    def _handle_request(self, message: mqtt.MQTTMessage) -> None:
+        props = message.properties
+        model = message.topic.rsplit("/", 1)[-1]
+        response_topic = getattr(props, "ResponseTopic", None) or f"{self.base}/result/{model}"
+        correlation = getattr(props, "CorrelationData", None)
+        content_type = getattr(props, "ContentType", None) or JSON_CONTENT_TYPE
+        try:
+            payload, out_props = self._infer(model, message.payload, content_type, _user_properties(props))
+        except EdgedError as exc:
+            payload = json.dumps({"error": exc.message, "code": exc.code}).encode()
+            out_props = Properties(PacketTypes.PUBLISH)
+            out_props.ContentType = JSON_CONTENT_TYPE
+            out_props.UserProperty = [("error_code", exc.code)]
+        except Exception as exc:  # never let one message kill the loop
+            log.exception("MQTT request on %s failed", message.topic)
+            payload = json.dumps({"error": f"internal error: {type(exc).__name__}: {exc}", "code": "internal"}).encode()
+            out_props = Properties(PacketTypes.PUBLISH)
+            out_props.UserProperty = [("error_code", "internal")]
+        if correlation is not None:
+            out_props.CorrelationData = correlation
+        self.client.publish(response_topic, payload, qos=self.cfg.qos, properties=out_props)
+
+    def _infer(self, model: str, payload: bytes, content_type: str, user: dict[str, str]) -> tuple[bytes, Properties]:
+        self.dataplane.check_model(model, user.get("version") or None)
+        props = Properties(PacketTypes.PUBLISH)
+        if content_type == RAW_CONTENT_TYPE:
+            request = decode_raw(model, payload, user)
+            if "" in request.inputs:
+                meta = self.dataplane.model_metadata(model, request.version)
+                names = [t["name"] for t in meta.get("inputs", [])]
+                if len(names) != 1:
+                    raise InvalidInput(f"model {model} has inputs {names}: set user property 'input'")
+                request.inputs = {names[0]: request.inputs[""]}
+            response = self.dataplane.infer(request, "mqtt")
+            name, array = next(iter(response.outputs.items()))
+            props.ContentType = RAW_CONTENT_TYPE
+            props.UserProperty = [
+                ("output", name), ("dtype", v2_datatype(array.dtype)), ("shape", ",".join(map(str, array.shape))),
+                ("model_version", response.version),
+            ]
+            return np.ascontiguousarray(array).tobytes(), props
+        decoded = decode_request(model, user.get("version") or None, payload, None)
+        response = self.dataplane.infer(decoded.request, "mqtt")
+        body, _ = encode_response(response, set(), False)
+        props.ContentType = JSON_CONTENT_TYPE
+        return body, props
+
+    # -- outbox -------------------------------------------------------------
+    def _on_result(self, request: InferenceRequest, response: InferenceResponse, transport: str) -> None:
+        if transport == "mqtt":
+            return
+        seq = self.outbox.next_id()
+        body = json.loads(encode_response(response, set(), False)[0])
+        body.update({"seq": seq, "transport": transport, "device": self.device, "time": time.time()})
+        self._enqueue(f"{self.base}/result/{response.model}", json.dumps(body).encode())
+
+    def _on_model_event(self, event: str, entry: ModelEntry) -> None:
+        body = {"event": event, "model": entry.name, "version": entry.version, "state": entry.state.value,
+                "reason": entry.reason, "device": self.device, "time": time.time()}
+        self._enqueue(f"{self.base}/events", json.dumps(body).encode())
+
+    def _enqueue(self, topic: str, payload: bytes) -> None:
+        props = json.dumps({"content_type": JSON_CONTENT_TYPE})
+        self.outbox.put(topic, payload, qos=max(1, self.cfg.qos), properties=props)
+        if self.outbox.dropped > self._dropped_seen:
+            self.m_dropped.inc(self.outbox.dropped - self._dropped_seen)
+            self._dropped_seen = self.outbox.dropped
+        self._wake.set()
+
+    def _drain_loop(self) -> None:
+        """Publish outbox rows in id order while connected; rows leave on PUBACK."""
+        while not self._stop.is_set():
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            while self.client.is_connected() and not self._stop.is_set():
+                with self._inflight_lock:
+                    room = 100 - len(self._inflight)
+                    after = self._sent_up_to
+                if room <= 0:
+                    break
+                batch = self.outbox.peek(limit=room, after=after)
+                if not batch:
+                    break
+                for message in batch:
+                    props = Properties(PacketTypes.PUBLISH)
+                    props.ContentType = json.loads(message.properties).get("content_type", JSON_CONTENT_TYPE)
+                    info = self.client.publish(message.topic, message.payload, qos=message.qos,
+                                               retain=message.retain, properties=props)
+                    if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                        break
+                    with self._inflight_lock:
+                        acked = info.mid in self._early_acks
+                        self._early_acks.discard(info.mid)
+                        if not acked:
+                            self._inflight[info.mid] = message.id
+                        self._sent_up_to = message.id
+                    if acked:
+                        self.outbox.ack(message.id)
+
+    def status_summary(self) -> dict[str, Any]:
+        return {
+            "state": "online", "device": self.device, "version": __version__,
+            "uptime_s": round(time.time() - self.started, 1),
+            "models": [{"name": e.name, "version": e.version, "state": e.state.value} for e in self.dataplane.registry.index()],
+        }
