@@ -146,6 +146,10 @@ class MqttTransport:
         self._drainer.start()
 
     async def stop(self) -> None:
+        if self._on_model_event in self.dataplane.registry.listeners:
+            self.dataplane.registry.listeners.remove(self._on_model_event)
+        if self._on_result in self.dataplane.result_listeners:
+            self.dataplane.result_listeners.remove(self._on_result)
         self._stop.set()
         self._wake.set()
         if self.client.is_connected():

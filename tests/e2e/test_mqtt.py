@@ -1,0 +1,265 @@
+"""MQTT v5 and Pushgateway against real mosquitto and prometheus-pushgateway
+processes on loopback, with the daemon as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from tests.brokers import MOSQUITTO, PUSHGATEWAY, mosquitto, pushgateway
+from tests.helpers import DEMO_MODELS, free_port, http, start_daemon, wait_ready
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.os.path.exists(MOSQUITTO) and shutil.os.path.exists(PUSHGATEWAY)),
+    reason="mosquitto / prometheus-pushgateway not installed (make test installs them)",
+)
+DEVICE = "dev1"
+
+
+def mqtt_toml(port: int, **extra: object) -> str:
+    lines = [f'device_id = "{DEVICE}"', "[mqtt]", "enabled = true", f"port = {port}", "reconnect_min_s = 0.2", "reconnect_max_s = 1.0"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+class Peer:
+    """A paho MQTT v5 client that collects what it receives."""
+
+    def __init__(self, port: int, client_id: str | None = None, clean: bool = True) -> None:
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"t-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda c, u, m: self.messages.put(m)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.connect("127.0.0.1", port, clean_start=clean, properties=props)
+        self.client.loop_start()
+        deadline = time.monotonic() + 5
+        while not self.client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        result, mid = self.client.subscribe(topic, qos=qos)
+        time.sleep(0.2)
+
+    def get(self, timeout: float = 10.0) -> mqtt.MQTTMessage:
+        return self.messages.get(timeout=timeout)
+
+    def request(self, model: str, payload: bytes, content_type: str | None = None, user: list[tuple[str, str]] | None = None, reply: bool = True) -> mqtt.MQTTMessage:
+        props = Properties(PacketTypes.PUBLISH)
+        if reply:
+            props.ResponseTopic = f"replies/{self.client._client_id.decode()}"
+            props.CorrelationData = uuid.uuid4().bytes
+        if content_type:
+            props.ContentType = content_type
+        if user:
+            props.UserProperty = user
+        self.client.publish(f"edged/{DEVICE}/infer/{model}", payload, qos=1, properties=props)
+        message = self.get()
+        if reply:
+            assert message.properties.CorrelationData == props.CorrelationData
+        return message
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    proc = mosquitto(tmp_path_factory.mktemp("mosquitto"), free_port()).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def daemon(broker, demo_bundles, tmp_path_factory):
+    proc = start_daemon(tmp_path_factory.mktemp("mqttd"), demo_bundles, extra_toml=mqtt_toml(broker.port))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture()
+def peer(broker, daemon):
+    client = Peer(broker.port)
+    client.subscribe(f"replies/{client.client._client_id.decode()}")
+    yield client
+    client.close()
+
+
+def samples(demo_bundles, model):
+    with np.load(demo_bundles / model / "samples.npz") as data:
+        return data["input:input"], data["output:logits"]
+
+
+@pytest.mark.parametrize("model", DEMO_MODELS)
+def test_json_request_response(peer, demo_bundles, model):
+    x, expected = samples(demo_bundles, model)
+    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+    message = peer.request(model, json.dumps(body).encode())
+    result = json.loads(message.payload)
+    logits = np.asarray(result["outputs"][0]["data"], np.float32).reshape(result["outputs"][0]["shape"])
+    np.testing.assert_array_equal(logits.argmax(1), expected.argmax(1))
+
+
+@pytest.mark.parametrize("model", DEMO_MODELS)
+def test_raw_request_response(peer, demo_bundles, model):
+    x, expected = samples(demo_bundles, model)
+    message = peer.request(model, x.tobytes(), "application/x-edged-tensor", [("dtype", "FP32"), ("shape", ",".join(map(str, x.shape)))])
+    assert message.properties.ContentType == "application/x-edged-tensor"
+    user = dict(message.properties.UserProperty)
+    assert user["dtype"] == "FP32" and user["output"] == "logits"
+    logits = np.frombuffer(message.payload, np.float32).reshape([int(d) for d in user["shape"].split(",")])
+    np.testing.assert_array_equal(logits.argmax(1), expected.argmax(1))
+
+
+def test_without_response_topic_result_topic_is_used(peer, demo_bundles):
+    peer.subscribe(f"edged/{DEVICE}/result/digits-onnx")
+    x, _ = samples(demo_bundles, "digits-onnx")
+    body = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": x[0].reshape(-1).tolist()}]}
+    message = peer.request("digits-onnx", json.dumps(body).encode(), reply=False)
+    assert message.topic == f"edged/{DEVICE}/result/digits-onnx"
+    assert json.loads(message.payload)["outputs"][0]["shape"] == [1, 10]
+
+
+@pytest.mark.parametrize(
+    "model,payload,content_type,user,code,fragment",
+    [
+        ("digits-onnx", b"\x00\xffgarbage", None, None, "invalid_input", "malformed JSON"),
+        ("digits-onnx", json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}).encode(), None, None, "invalid_input", "expected shape"),
+        ("nope", b"{}", None, None, "model_not_found", "unknown model"),
+        ("digits-onnx", b"\x00" * 256, "application/x-edged-tensor", [("shape", "1,1,8,8")], "invalid_input", "'dtype' and 'shape'"),
+        ("digits-onnx", b"\x00" * 10, "application/x-edged-tensor", [("dtype", "FP32"), ("shape", "1,1,8,8")], "invalid_input", "needs 256 bytes"),
+    ],
+)
+def test_bad_payloads_get_errors_and_loop_keeps_serving(peer, demo_bundles, model, payload, content_type, user, code, fragment):
+    message = peer.request(model, payload, content_type, user)
+    assert dict(message.properties.UserProperty)["error_code"] == code
+    assert fragment in json.loads(message.payload)["error"]
+    x, _ = samples(demo_bundles, "digits-tflite")
+    ok = peer.request("digits-tflite", x[:1].tobytes(), "application/x-edged-tensor", [("dtype", "float32"), ("shape", "1,1,8,8")])
+    assert "error_code" not in dict(ok.properties.UserProperty or [])
+
+
+def test_metrics_pass_promtool(daemon, tmp_path):
+    status, body, _ = http("GET", daemon.url + "/metrics")
+    assert status == 200
+    text = body.decode()
+    assert "edged_mqtt_connected 1.0" in text and "edged_outbox_depth" in text and "process_resident_memory_bytes" in text
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool (Debian package prometheus) is not installed")
+    out = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_status_online_then_last_will(broker, demo_bundles, tmp_path):
+    daemon = start_daemon(tmp_path / "d", demo_bundles, extra_toml=mqtt_toml(broker.port).replace(DEVICE, "lwt1"),
+                          env={"EDGED_LOAD": "digits-onnx"})
+    watcher = Peer(broker.port)
+    try:
+        watcher.subscribe("edged/lwt1/status")
+        deadline = time.monotonic() + 10
+        state = None
+        while time.monotonic() < deadline and state != "online":
+            state = json.loads(watcher.get().payload)["state"]
+        assert state == "online"
+        daemon.stop(signal.SIGKILL)
+        message = watcher.get(timeout=15)
+        assert json.loads(message.payload)["state"] == "offline"
+    finally:
+        daemon.stop()
+        watcher.close()
+
+
+def test_offline_results_survive_kill_and_arrive_in_order(demo_bundles, tmp_path):
+    """500 HTTP results produced while the broker is down are delivered after a
+    kill -9 and restart of the daemon and a restart of the broker: every seq
+    arrives, in order of first arrival. Delivery is at least once: a message
+    whose PUBACK was lost may come twice, so duplicates are allowed."""
+    count = 500
+    port = free_port()
+    broker_dir = tmp_path / "broker"
+    broker_dir.mkdir()
+    conf = broker_dir / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\n"
+        f"persistence_location {broker_dir}/\nmax_queued_messages 10000\n"
+    )
+    from tests.brokers import Process
+
+    broker = Process([MOSQUITTO, "-c", str(conf)], port, broker_dir / "log").start()
+    subscriber = Peer(port, client_id="offline-sub", clean=False)
+    subscriber.subscribe(f"edged/{DEVICE}/result/digits-onnx")
+    subscriber.close()  # its session (and subscription) persists in the broker
+    broker.stop()
+
+    toml = mqtt_toml(port, publish_http_results=True)
+    daemon = start_daemon(tmp_path / "d", demo_bundles, extra_toml=toml, env={"EDGED_LOAD": "digits-onnx"})
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}).encode()
+    for _ in range(count):
+        status, _, _ = http("POST", daemon.url + "/v2/models/digits-onnx/infer", body)
+        assert status == 200  # HTTP keeps working while the broker is down
+    daemon.stop(signal.SIGKILL)
+    daemon = start_daemon(tmp_path / "d", demo_bundles, extra_toml=toml, env={"EDGED_LOAD": "digits-onnx"}, port=daemon.port)
+    try:
+        broker.start()
+        subscriber = Peer(port, client_id="offline-sub", clean=False)
+        seqs: list[int] = []
+        deadline = time.monotonic() + 60
+        while len(set(seqs)) < count and time.monotonic() < deadline:
+            try:
+                seqs.append(json.loads(subscriber.get(timeout=5).payload)["seq"])
+            except queue.Empty:
+                continue
+        subscriber.close()
+        first_seen = list(dict.fromkeys(seqs))
+        assert len(first_seen) == count, f"received {len(first_seen)} of {count}"
+        assert first_seen == sorted(first_seen), "results arrived out of order"
+        assert first_seen == list(range(first_seen[0], first_seen[0] + count))
+    finally:
+        daemon.stop()
+        broker.stop()
+
+
+def test_pushgateway_push_and_failures(demo_bundles, tmp_path):
+    gateway = pushgateway(tmp_path / "pg", free_port()).start()
+    toml = f'device_id = "{DEVICE}"\n[push]\nenabled = true\nurl = "127.0.0.1:{gateway.port}"\ninterval_s = 0.3\ntimeout_s = 1.0\n'
+    daemon = start_daemon(tmp_path / "d", demo_bundles, extra_toml=toml, env={"EDGED_LOAD": "digits-onnx"})
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}).encode()
+    try:
+        assert http("POST", daemon.url + "/v2/models/digits-onnx/infer", body)[0] == 200
+        deadline = time.monotonic() + 10
+        found = None
+        while time.monotonic() < deadline and not found:
+            status, raw, _ = http("GET", f"http://127.0.0.1:{gateway.port}/api/v1/metrics")
+            groups = json.loads(raw)["data"] if status == 200 else []
+            found = [g for g in groups if g["labels"].get("job") == "edged" and g["labels"].get("instance") == DEVICE
+                     and "edged_inference_requests_total" in g]
+            time.sleep(0.2)
+        assert found, "no edged group in the pushgateway"
+        gateway.stop()
+        time.sleep(1.0)
+        for _ in range(5):
+            assert http("POST", daemon.url + "/v2/models/digits-onnx/infer", body)[0] == 200
+        deadline = time.monotonic() + 10
+        failures = 0.0
+        while time.monotonic() < deadline and failures < 1:
+            text = http("GET", daemon.url + "/metrics")[1].decode()
+            for line in text.splitlines():
+                if line.startswith("edged_push_failures_total "):
+                    failures = float(line.split()[1])
+            time.sleep(0.2)
+        assert failures >= 1
+    finally:
+        daemon.stop()
+        gateway.stop()
