@@ -50,7 +50,7 @@ class Process:
 def mosquitto(tmp: Path, port: int) -> Process:
     tmp.mkdir(parents=True, exist_ok=True)
     conf = tmp / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n")
     return Process([MOSQUITTO, "-c", str(conf)], port, tmp / "mosquitto.log")
 
 
