@@ -138,6 +138,8 @@ class MqttTransport:
 
     # -- lifecycle (Service) ----------------------------------------------
     async def start(self) -> None:
+        for entry in self.dataplane.registry.index():  # models loaded before MQTT started
+            self._on_model_event("loaded" if entry.ready else entry.state.value.lower(), entry)
         self.dataplane.registry.listeners.append(self._on_model_event)
         if self.cfg.publish_http_results:
             self.dataplane.result_listeners.append(self._on_result)

@@ -151,6 +151,18 @@ def test_bad_payloads_get_errors_and_loop_keeps_serving(peer, demo_bundles, mode
     assert "error_code" not in dict(ok.properties.UserProperty or [])
 
 
+def test_model_events_published(broker, daemon):
+    watcher = Peer(broker.port)
+    try:
+        watcher.subscribe(f"edged/{DEVICE}/events")
+        assert http("POST", daemon.url + "/v2/repository/models/digits-openvino/unload", b"{}")[0] == 200
+        assert http("POST", daemon.url + "/v2/repository/models/digits-openvino/load", b"{}")[0] == 200
+        events = [json.loads(watcher.get().payload) for _ in range(2)]
+        assert [(e["event"], e["model"]) for e in events] == [("unloaded", "digits-openvino"), ("loaded", "digits-openvino")]
+    finally:
+        watcher.close()
+
+
 def test_metrics_pass_promtool(daemon, tmp_path):
     status, body, _ = http("GET", daemon.url + "/metrics")
     assert status == 200
