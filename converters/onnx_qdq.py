@@ -136,6 +136,22 @@ class OnnxQDQConverter:
                 batch = next(self._batches, None)
                 return None if batch is None else {input_name: batch}
 
+        # Per-channel QDQ writes DequantizeLinear with an ``axis`` attribute,
+        # which needs opset 13; older exports (e.g. PaddleOCR's opset 11) are
+        # upgraded first, or onnxruntime rejects the quantized graph.
+        import onnx
+
+        model = onnx.load(str(source))
+        opset = next((int(i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")), 13)
+        if opset < 13:
+            from onnx import version_converter
+
+            try:
+                upgraded = version_converter.convert_version(model, 13)
+            except Exception as exc:
+                raise ConversionError(f"{source.name}: cannot upgrade opset {opset} -> 13 for int8 QDQ: {exc}") from None
+            source = work / "opset13.onnx"
+            onnx.save(upgraded, str(source))
         prepared = work / "prepared.onnx"
         # Symbolic shape inference needs sympy; ONNX shape inference is enough
         # for models with static non-batch dims, so skip it when sympy is absent.
