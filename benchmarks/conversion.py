@@ -327,8 +327,8 @@ def _real_markdown(models: list[dict]) -> list[str]:
         if top1:
             lines += ["The 180° label accuracy is close to chance even for fp32: random strokes carry little of "
                       "the orientation cue real script has, so top-1 agreement with fp32 is the number to read. "
-                      "int8 is slower than fp32 here: a 572 KiB model at batch 1 spends its time in per-op "
-                      "(de)quantization overhead, not in int8 arithmetic.", ""]
+                      "int8 is slower than fp32 here, likely because at this size (572 KiB, batch 1) the added "
+                      "quantize/dequantize work outweighs the int8 arithmetic savings (not profiled).", ""]
         if not top1:
             lines += ["The det output is a per-pixel probability: a max abs error near 1 means some pixels flip "
                       "between text and background; the mean shows how rare that is.", ""]
