@@ -86,20 +86,21 @@ class Daemon:
         self._stop.set()
 
     async def reload(self) -> None:
-        """Re-read models (new bundles load before old ones unload)."""
+        """Re-read models (new bundles load before old ones unload). Ready
+        listeners run afterwards whatever happens, so systemd leaves "reloading"."""
         for listener in self.reloading_listeners:
             listener()
         self.status("reloading models")
-        if self.config_path:
-            try:
-                fresh = load_config(self.config_path)
-            except Exception as exc:
-                self.status(f"reload refused, config invalid: {exc}")
-                for listener in self.ready_listeners:
-                    listener()
-                return
-            self.config.load, self.config.versions = fresh.load, fresh.versions
-        await asyncio.to_thread(self.registry.load_initial)
-        self.status(f"reloaded: {sum(1 for e in self.registry.index() if e.ready)} model version(s) ready")
-        for listener in self.ready_listeners:
-            listener()
+        try:
+            if self.config_path:
+                try:
+                    fresh = load_config(self.config_path)
+                except Exception as exc:
+                    self.status(f"reload refused, config invalid: {exc}")
+                    return
+                self.config.load, self.config.versions = fresh.load, fresh.versions
+            await asyncio.to_thread(self.registry.load_initial)
+            self.status(f"reloaded: {sum(1 for e in self.registry.index() if e.ready)} model version(s) ready")
+        finally:
+            for listener in self.ready_listeners:
+                listener()
