@@ -53,6 +53,7 @@ class MqttConfig:
     keepalive: int = 30
     publish_http_results: bool = False  # also publish results of HTTP inference
     outbox_max_rows: int = 100_000
+    outbox_max_bytes: int = 256 * 1024 * 1024  # summed payload bytes; 0 = no byte bound
     outbox_max_age_s: float = 7 * 86400.0
     outbox_drop_policy: str = "drop_oldest"  # or drop_newest
     reconnect_min_s: float = 1.0
@@ -188,6 +189,8 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"{src}: key mqtt.qos must be 0, 1 or 2, got {config.mqtt.qos}")
     if config.mqtt.outbox_drop_policy not in ("drop_oldest", "drop_newest"):
         raise ConfigError(f"{src}: key mqtt.outbox_drop_policy must be drop_oldest or drop_newest")
+    if config.mqtt.outbox_max_rows < 1 or config.mqtt.outbox_max_bytes < 0:
+        raise ConfigError(f"{src}: keys mqtt.outbox_max_rows must be at least 1 and mqtt.outbox_max_bytes 0 or more")
     if not 0 < config.mqtt.port < 65536:
         raise ConfigError(f"{src}: key mqtt.port must be 1-65535, got {config.mqtt.port}")
     if config.push.interval_s <= 0:

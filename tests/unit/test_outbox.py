@@ -38,3 +38,37 @@ def test_age_bound(tmp_path):
 def test_bad_policy(tmp_path):
     with pytest.raises(ValueError, match="drop_oldest"):
         Outbox(tmp_path / "d.sqlite", policy="drop_random")
+
+
+def test_byte_bound_drops_oldest_then_newest(tmp_path):
+    drops = []
+    box = Outbox(tmp_path / "e.sqlite", max_bytes=10, on_drop=drops.append)
+    for i in range(4):
+        box.put("t", bytes([i]) * 4)
+    assert [m.payload[0] for m in box.peek()] == [2, 3] and box.size_bytes() == 8 and sum(drops) == 2
+    assert box.put("t", b"x" * 11) is None and box.dropped == 3  # larger than the whole bound
+    box = Outbox(tmp_path / "f.sqlite", max_bytes=10, policy="drop_newest")
+    assert [box.put("t", b"abcd") is not None for _ in range(3)] == [True, True, False]
+    box.ack(box.peek()[0].id)
+    assert box.depth() == 1 and box.size_bytes() == 4
+    box.close()
+    assert Outbox(tmp_path / "f.sqlite", max_bytes=10).size_bytes() == 4  # counters rebuilt on open
+
+
+def test_concurrent_puts_get_distinct_increasing_sequence_numbers(tmp_path):
+    import json
+    import threading
+
+    box = Outbox(tmp_path / "g.sqlite")
+
+    def worker():
+        for _ in range(50):
+            box.put("t", lambda seq: json.dumps({"seq": seq}).encode())
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = box.peek(limit=1000)
+    assert [json.loads(m.payload)["seq"] for m in rows] == [m.id for m in rows] == list(range(1, 201))
