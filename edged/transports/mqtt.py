@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import random
 import socket
 import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -42,6 +43,7 @@ from edged.v2 import decode_request, encode_response
 log = logging.getLogger(__name__)
 
 RAW_CONTENT_TYPE = "application/x-edged-tensor"
+INFLIGHT = 100  # outbox messages awaiting PUBACK at once
 JSON_CONTENT_TYPE = "application/json"
 
 
@@ -82,20 +84,24 @@ class MqttTransport:
         self.device = config.device
         prefix = self.cfg.topic_prefix.rstrip("/")
         self.base = f"{prefix}/{self.device}"
+        self._setup_metrics()
         self.outbox = Outbox(
             config.state_path / "outbox.sqlite", self.cfg.outbox_max_rows, self.cfg.outbox_max_age_s,
-            self.cfg.outbox_drop_policy,
+            self.cfg.outbox_drop_policy, max_bytes=self.cfg.outbox_max_bytes, on_drop=self.m_dropped.inc,
         )
+        self.m_depth.set_function(self.outbox.depth)
+        self.m_age.set_function(self.outbox.oldest_age)
         self.started = time.time()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="edged-mqtt")
+        # Owned by the drain thread only: paho's network thread just queues PUBACK mids
+        # and connect events, so no lock is shared with paho's own message lock.
         self._inflight: dict[int, int] = {}  # paho mid -> outbox id
-        self._early_acks: set[int] = set()
-        self._inflight_lock = threading.Lock()
         self._sent_up_to = 0
+        self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._reset = threading.Event()  # set on (re)connect: resend every unacknowledged row
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._drainer: threading.Thread | None = None
-        self._setup_metrics()
         self.client = self._make_client()
 
     # -- setup ------------------------------------------------------------
@@ -104,11 +110,8 @@ class MqttTransport:
         self.m_connected = Gauge("edged_mqtt_connected", "1 while connected to the MQTT broker.", registry=r)
         self.m_reconnects = Counter("edged_mqtt_reconnects", "Connections to the broker after the first.", registry=r)
         self.m_dropped = Counter("edged_outbox_dropped", "Outbox messages dropped by its size or age bound.", registry=r)
-        depth = Gauge("edged_outbox_depth", "Messages waiting in the outbox.", registry=r)
-        depth.set_function(self.outbox.depth)
-        age = Gauge("edged_outbox_oldest_age_seconds", "Age of the oldest message in the outbox.", registry=r)
-        age.set_function(self.outbox.oldest_age)
-        self._dropped_seen = 0
+        self.m_depth = Gauge("edged_outbox_depth", "Messages waiting in the outbox.", registry=r)
+        self.m_age = Gauge("edged_outbox_oldest_age_seconds", "Age of the oldest message in the outbox.", registry=r)
         self._connections = 0
 
     def _make_client(self) -> mqtt.Client:
@@ -124,7 +127,7 @@ class MqttTransport:
             )
         client.will_set(f"{self.base}/status", json.dumps({"state": "offline", "device": self.device}), qos=1, retain=True)
         client.reconnect_delay_set(self._jittered_min(), max(self.cfg.reconnect_max_s, self.cfg.reconnect_min_s))
-        client.max_inflight_messages_set(100)
+        client.max_inflight_messages_set(INFLIGHT)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -184,10 +187,7 @@ class MqttTransport:
         log.info("MQTT connected to %s:%d as %s", self.cfg.host, self.cfg.port, self.device)
         client.subscribe(f"{self.base}/infer/+", qos=self.cfg.qos)
         client.publish(f"{self.base}/status", json.dumps(self.status_summary()), qos=1, retain=True)
-        with self._inflight_lock:
-            self._inflight.clear()
-            self._early_acks.clear()
-            self._sent_up_to = 0  # resend everything not yet acknowledged, in order
+        self._reset.set()  # the drain thread resends everything not yet acknowledged, in order
         self._wake.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -196,17 +196,15 @@ class MqttTransport:
         log.warning("MQTT disconnected: %s", reason)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        # paho calls this holding its own message lock: never publish from here.
-        with self._inflight_lock:
-            row = self._inflight.pop(mid, None)
-            if row is None:
-                self._early_acks.add(mid)  # PUBACK raced ahead of _drain_loop's bookkeeping
-        if row is not None:
-            self.outbox.ack(row)
-            self._wake.set()
+        # paho calls this holding its own message lock: never publish or take our locks here.
+        self._acks.put(mid)
+        self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        self.executor.submit(self._handle_request, message)
+        try:
+            self.executor.submit(self._handle_request, message)
+        except RuntimeError:  # shutting down
+            pass
 
     # -- requests -----------------------------------------------------------
     def _handle_request(self, message: mqtt.MQTTMessage) -> None:
@@ -260,53 +258,71 @@ class MqttTransport:
     def _on_result(self, request: InferenceRequest, response: InferenceResponse, transport: str) -> None:
         if transport == "mqtt":
             return
-        seq = self.outbox.next_id()
         body = json.loads(encode_response(response, set(), False)[0])
-        body.update({"seq": seq, "transport": transport, "device": self.device, "time": time.time()})
-        self._enqueue(f"{self.base}/result/{response.model}", json.dumps(body).encode())
+        body.update({"transport": transport, "device": self.device, "time": time.time()})
+
+        def with_seq(seq: int) -> bytes:  # the outbox id, assigned under the outbox lock
+            return json.dumps({**body, "seq": seq}).encode()
+
+        self._enqueue(f"{self.base}/result/{response.model}", with_seq)
 
     def _on_model_event(self, event: str, entry: ModelEntry) -> None:
         body = {"event": event, "model": entry.name, "version": entry.version, "state": entry.state.value,
                 "reason": entry.reason, "device": self.device, "time": time.time()}
         self._enqueue(f"{self.base}/events", json.dumps(body).encode())
 
-    def _enqueue(self, topic: str, payload: bytes) -> None:
+    def _enqueue(self, topic: str, payload: bytes | Callable[[int], bytes]) -> None:
         props = json.dumps({"content_type": JSON_CONTENT_TYPE})
-        self.outbox.put(topic, payload, qos=max(1, self.cfg.qos), properties=props)
-        if self.outbox.dropped > self._dropped_seen:
-            self.m_dropped.inc(self.outbox.dropped - self._dropped_seen)
-            self._dropped_seen = self.outbox.dropped
+        self.outbox.put(topic, payload, qos=max(1, self.cfg.qos), properties=props)  # drops counted by on_drop
         self._wake.set()
+
+    def _take_acks(self) -> None:
+        """Delete acknowledged rows. Runs on the drain thread after the mids it
+        published were recorded, so a fast PUBACK cannot miss its row; mids of
+        responses or of messages sent before a reconnect are not in the map."""
+        while True:
+            try:
+                mid = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            row = self._inflight.pop(mid, None)
+            if row is not None:
+                self.outbox.ack(row)
 
     def _drain_loop(self) -> None:
         """Publish outbox rows in id order while connected; rows leave on PUBACK."""
         while not self._stop.is_set():
             self._wake.wait(timeout=1.0)
             self._wake.clear()
-            while self.client.is_connected() and not self._stop.is_set():
-                with self._inflight_lock:
-                    room = 100 - len(self._inflight)
-                    after = self._sent_up_to
-                if room <= 0:
-                    break
-                batch = self.outbox.peek(limit=room, after=after)
-                if not batch:
-                    break
-                for message in batch:
-                    props = Properties(PacketTypes.PUBLISH)
-                    props.ContentType = json.loads(message.properties).get("content_type", JSON_CONTENT_TYPE)
-                    info = self.client.publish(message.topic, message.payload, qos=message.qos,
-                                               retain=message.retain, properties=props)
-                    if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                        break
-                    with self._inflight_lock:
-                        acked = info.mid in self._early_acks
-                        self._early_acks.discard(info.mid)
-                        if not acked:
-                            self._inflight[info.mid] = message.id
-                        self._sent_up_to = message.id
-                    if acked:
-                        self.outbox.ack(message.id)
+            try:
+                self._drain_once()
+            except Exception:  # e.g. a database error: log, keep the thread alive, retry
+                log.exception("MQTT outbox drain failed")
+                self._stop.wait(1.0)
+
+    def _drain_once(self) -> None:
+        self._take_acks()
+        if self._reset.is_set():
+            self._reset.clear()
+            self._inflight.clear()  # acks of messages from the old connection no longer count
+            self._sent_up_to = 0
+        while self.client.is_connected() and not self._stop.is_set() and not self._reset.is_set():
+            room = INFLIGHT - len(self._inflight)
+            if room <= 0:
+                return
+            batch = self.outbox.peek(limit=room, after=self._sent_up_to)
+            if not batch:
+                return
+            for message in batch:
+                props = Properties(PacketTypes.PUBLISH)
+                props.ContentType = json.loads(message.properties).get("content_type", JSON_CONTENT_TYPE)
+                info = self.client.publish(message.topic, message.payload, qos=message.qos,
+                                           retain=message.retain, properties=props)
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    return  # disconnected meanwhile: the next connect resends from the start
+                self._inflight[info.mid] = message.id
+                self._sent_up_to = message.id
+            self._take_acks()
 
     def status_summary(self) -> dict[str, Any]:
         return {
