@@ -8,6 +8,7 @@ import queue
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import uuid
 
@@ -17,13 +18,9 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.brokers import MOSQUITTO, PUSHGATEWAY, mosquitto, pushgateway
-from tests.helpers import DEMO_MODELS, free_port, http, start_daemon, wait_ready
+from tests.helpers import DEMO_MODELS, http, start_daemon
 
-pytestmark = pytest.mark.skipif(
-    not (shutil.os.path.exists(MOSQUITTO) and shutil.os.path.exists(PUSHGATEWAY)),
-    reason="mosquitto / prometheus-pushgateway not installed (make test installs them)",
-)
+# mosquitto_factory, mqtt_broker and pushgateway_factory come from tests/e2e/conftest.py.
 DEVICE = "dev1"
 
 
@@ -76,10 +73,8 @@ class Peer:
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    proc = mosquitto(tmp_path_factory.mktemp("mosquitto"), free_port()).start()
-    yield proc
-    proc.stop()
+def broker(mqtt_broker):
+    return mqtt_broker
 
 
 @pytest.fixture(scope="module")
@@ -181,10 +176,12 @@ def test_status_online_then_last_will(broker, demo_bundles, tmp_path):
     try:
         watcher.subscribe("edged/lwt1/status")
         deadline = time.monotonic() + 10
-        state = None
-        while time.monotonic() < deadline and state != "online":
-            state = json.loads(watcher.get().payload)["state"]
-        assert state == "online"
+        status = {}
+        while time.monotonic() < deadline and status.get("state") != "online":
+            status = json.loads(watcher.get().payload)
+        assert status["state"] == "online"
+        assert status["version"] and status["uptime_s"] >= 0
+        assert {m["name"]: m["state"] for m in status["models"]}["digits-onnx"] == "READY"
         daemon.stop(signal.SIGKILL)
         message = watcher.get(timeout=15)
         assert json.loads(message.payload)["state"] == "offline"
@@ -193,23 +190,14 @@ def test_status_online_then_last_will(broker, demo_bundles, tmp_path):
         watcher.close()
 
 
-def test_offline_results_survive_kill_and_arrive_in_order(demo_bundles, tmp_path):
+def test_offline_results_survive_kill_and_arrive_in_order(demo_bundles, mosquitto_factory, tmp_path):
     """500 HTTP results produced while the broker is down are delivered after a
     kill -9 and restart of the daemon and a restart of the broker: every seq
     arrives, in order of first arrival. Delivery is at least once: a message
     whose PUBACK was lost may come twice, so duplicates are allowed."""
     count = 500
-    port = free_port()
-    broker_dir = tmp_path / "broker"
-    broker_dir.mkdir()
-    conf = broker_dir / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\n"
-        f"persistence_location {broker_dir}/\nmax_queued_messages 10000\n"
-    )
-    from tests.brokers import Process
-
-    broker = Process([MOSQUITTO, "-c", str(conf)], port, broker_dir / "log").start()
+    broker = mosquitto_factory(persistent=True).start()
+    port = broker.port
     subscriber = Peer(port, client_id="offline-sub", clean=False)
     subscriber.subscribe(f"edged/{DEVICE}/result/digits-onnx")
     subscriber.close()  # its session (and subscription) persists in the broker
@@ -243,8 +231,8 @@ def test_offline_results_survive_kill_and_arrive_in_order(demo_bundles, tmp_path
         broker.stop()
 
 
-def test_pushgateway_push_and_failures(demo_bundles, tmp_path):
-    gateway = pushgateway(tmp_path / "pg", free_port()).start()
+def test_pushgateway_push_and_failures(demo_bundles, pushgateway_factory, tmp_path):
+    gateway = pushgateway_factory().start()
     toml = f'device_id = "{DEVICE}"\n[push]\nenabled = true\nurl = "127.0.0.1:{gateway.port}"\ninterval_s = 0.3\ntimeout_s = 1.0\n'
     daemon = start_daemon(tmp_path / "d", demo_bundles, extra_toml=toml, env={"EDGED_LOAD": "digits-onnx"})
     body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}).encode()
@@ -275,3 +263,54 @@ def test_pushgateway_push_and_failures(demo_bundles, tmp_path):
     finally:
         daemon.stop()
         gateway.stop()
+
+
+def test_raw_shape_as_json_list_and_numpy_dtype_name(peer, demo_bundles):
+    x, expected = samples(demo_bundles, "digits-onnx")
+    message = peer.request("digits-onnx", x.tobytes(), "application/x-edged-tensor",
+                           [("input", "input"), ("dtype", "float32"), ("shape", json.dumps(list(x.shape)))])
+    user = dict(message.properties.UserProperty)
+    assert "error_code" not in user
+    logits = np.frombuffer(message.payload, np.float32).reshape([int(d) for d in user["shape"].split(",")])
+    np.testing.assert_array_equal(logits.argmax(1), expected.argmax(1))
+
+
+def test_unknown_input_name_and_dtype_get_errors(peer):
+    message = peer.request("digits-onnx", b"\x00" * 256, "application/x-edged-tensor",
+                           [("input", "nope"), ("dtype", "FP32"), ("shape", "1,1,8,8")])
+    assert dict(message.properties.UserProperty)["error_code"] == "invalid_input"
+    message = peer.request("digits-onnx", b"\x00" * 256, "application/x-edged-tensor",
+                           [("dtype", "complex-ish"), ("shape", "1,1,8,8")])
+    assert dict(message.properties.UserProperty)["error_code"] == "invalid_input"
+
+
+def test_concurrent_http_results_have_unique_increasing_seq(broker, demo_bundles, tmp_path):
+    """Parallel HTTP inferences with publish_http_results: every result is published
+    once per seq, and seqs increase in the order the broker delivers them."""
+    threads, per_thread = 8, 25
+    daemon = start_daemon(tmp_path / "d", demo_bundles, extra_toml=mqtt_toml(broker.port, publish_http_results=True).replace(DEVICE, "seq1"),
+                          env={"EDGED_LOAD": "digits-onnx"})
+    watcher = Peer(broker.port)
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}).encode()
+    errors: list[int] = []
+
+    def send() -> None:
+        for _ in range(per_thread):
+            status = http("POST", daemon.url + "/v2/models/digits-onnx/infer", body)[0]
+            if status != 200:
+                errors.append(status)
+
+    try:
+        watcher.subscribe("edged/seq1/result/digits-onnx")
+        workers = [threading.Thread(target=send) for _ in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert not errors
+        seqs = [json.loads(watcher.get().payload)["seq"] for _ in range(threads * per_thread)]
+        first_seen = list(dict.fromkeys(seqs))
+        assert len(first_seen) == threads * per_thread and first_seen == sorted(first_seen)
+    finally:
+        daemon.stop()
+        watcher.close()
