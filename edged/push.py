@@ -31,7 +31,7 @@ class MetricsPusher:
         try:
             push_to_gateway(self.cfg.url, job=self.cfg.job, registry=self.registry,
                             grouping_key=self.grouping, timeout=self.cfg.timeout_s)
-        except OSError as exc:
+        except Exception as exc:  # URLError/timeout, or a gateway answering 4xx/5xx: never kill the thread
             self.failures.inc()
             log.warning("push to %s failed: %s", self.cfg.url, exc)
             return False

@@ -314,3 +314,70 @@ def test_concurrent_http_results_have_unique_increasing_seq(broker, demo_bundles
     finally:
         daemon.stop()
         watcher.close()
+
+
+def metric(daemon, name: str) -> float | None:
+    for line in http("GET", daemon.url + "/metrics")[1].decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def wait_metric(daemon, name: str, value: float, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(daemon, name) != value:
+        assert time.monotonic() < deadline, f"{name} never became {value} (is {metric(daemon, name)})"
+        time.sleep(0.1)
+
+
+def test_broker_restart_reconnects_and_drains_events(mosquitto_factory, demo_bundles, tmp_path):
+    """The connection gauge follows the broker, the reconnect counter rises, and
+    model events produced while the broker is down arrive after it is back."""
+    broker = mosquitto_factory(persistent=True).start()
+    watcher = Peer(broker.port, client_id="rc1-watcher", clean=False)
+    watcher.subscribe("edged/rc1/events")
+    daemon = start_daemon(tmp_path / "d", demo_bundles, extra_toml=mqtt_toml(broker.port).replace(DEVICE, "rc1"),
+                          env={"EDGED_LOAD": "digits-onnx"})
+    try:
+        wait_metric(daemon, "edged_mqtt_connected", 1.0)
+        while (event := json.loads(watcher.get().payload))["model"] != "digits-onnx":
+            pass
+        assert event["event"] == "loaded"
+        watcher.close()  # its session persists in the broker
+        broker.stop()
+        wait_metric(daemon, "edged_mqtt_connected", 0.0)
+        assert http("POST", daemon.url + "/v2/repository/models/digits-onnx/unload", b"{}")[0] == 200
+        wait_metric(daemon, "edged_outbox_depth", 1.0)
+        broker.start()
+        wait_metric(daemon, "edged_mqtt_connected", 1.0)
+        wait_metric(daemon, "edged_outbox_depth", 0.0)
+        assert metric(daemon, "edged_mqtt_reconnects_total") >= 1
+        watcher = Peer(broker.port, client_id="rc1-watcher", clean=False)
+        while (event := json.loads(watcher.get().payload))["model"] != "digits-onnx":
+            pass
+        assert event["event"] == "unloaded"
+        watcher.close()
+    finally:
+        daemon.stop()
+        broker.stop()
+
+
+def test_push_group_deleted_on_shutdown(demo_bundles, pushgateway_factory, tmp_path):
+    gateway = pushgateway_factory().start()
+    toml = f'device_id = "del1"\n[push]\nenabled = true\nurl = "127.0.0.1:{gateway.port}"\ninterval_s = 0.3\n'
+    daemon = start_daemon(tmp_path / "d", demo_bundles, extra_toml=toml, env={"EDGED_LOAD": "digits-onnx"})
+
+    def groups() -> list[dict]:
+        return [g for g in json.loads(http("GET", f"http://127.0.0.1:{gateway.port}/api/v1/metrics")[1])["data"]
+                if g["labels"].get("instance") == "del1"]
+
+    try:
+        deadline = time.monotonic() + 10
+        while not groups():
+            assert time.monotonic() < deadline, "the daemon never pushed"
+            time.sleep(0.1)
+        assert daemon.stop() == 0
+        assert groups() == []
+    finally:
+        daemon.stop()
+        gateway.stop()
