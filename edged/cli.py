@@ -50,6 +50,26 @@ def version() -> None:
 
 
 @app.command()
+def rollback(
+    model: str = typer.Argument(..., help="Model name, e.g. digits."),
+    to: Optional[str] = typer.Option(None, "--to", help="Version to go back to (default: the one before the active version)."),
+    url: str = URL_OPTION,
+) -> None:
+    """Switch a model back to an earlier installed OTA version on a running daemon.
+
+    The new (bad) release is remembered as rolled back, so its retained fleet message
+    does not re-apply it; publish again to retry it. Example: `edged rollback digits --to 1.0.0`.
+    """
+    from edged.client import ClientError, V2Client
+
+    try:
+        result = V2Client(url).post_json(f"/v2/repository/models/{model}/rollback", {"version": to} if to else {})
+    except ClientError as exc:
+        _fail(str(exc))
+    typer.echo(f"{model}: now serving {result.get('active')}")
+
+
+@app.command()
 def serve(
     config: Optional[Path] = typer.Option(None, "--config", "-c", envvar="EDGED_CONFIG", help="edged.toml to read; EDGED_* variables override it."),
 ) -> None:

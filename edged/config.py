@@ -71,6 +71,25 @@ class PushConfig:
 
 
 @dataclass
+class OtaConfig:
+    """Fleet model updates (see edged.ota)."""
+
+    enabled: bool = False
+    groups: list[str] = field(default_factory=list)  # fleet groups this device follows
+    trusted_keys_dir: str = "/etc/edged/trusted-keys"
+    allow_unsigned: bool = False  # development only: accept bundles without a trusted signature
+    keep_versions: int = 3  # installed versions kept per model (the active one included)
+    max_bundle_bytes: int = 2 * 1024 * 1024 * 1024
+    download_timeout_s: float = 30.0  # per connection attempt and read
+    download_retries: int = 5
+    retry_backoff_s: float = 2.0
+    health_window_s: float = 60.0  # after a swap: watch errors and restarts this long
+    max_error_rate: float = 0.2  # inference failures / requests that trigger a rollback
+    min_requests: int = 10  # requests needed before the error rate counts
+    crash_loop_restarts: int = 3  # unclean restarts inside the window that trigger a rollback
+
+
+@dataclass
 class Config:
     models_dir: str = "models"
     state_dir: str = ".edged-state"
@@ -86,6 +105,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     push: PushConfig = field(default_factory=PushConfig)
+    ota: OtaConfig = field(default_factory=OtaConfig)
     source: str = "<defaults>"
 
     @property
@@ -195,6 +215,13 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"{src}: key mqtt.port must be 1-65535, got {config.mqtt.port}")
     if config.push.interval_s <= 0:
         raise ConfigError(f"{src}: key push.interval_s must be positive")
+    if config.ota.keep_versions < 2:
+        raise ConfigError(f"{src}: key ota.keep_versions must be at least 2 (the active version and one to roll back to)")
+    if not 0 < config.ota.max_error_rate <= 1:
+        raise ConfigError(f"{src}: key ota.max_error_rate must be in (0, 1]")
+    for key in ("download_timeout_s", "health_window_s"):
+        if getattr(config.ota, key) <= 0:
+            raise ConfigError(f"{src}: key ota.{key} must be positive")
     if config.http.max_body_bytes < 1024:
         raise ConfigError(f"{src}: key http.max_body_bytes must be at least 1024")
 

@@ -44,6 +44,8 @@ class Daemon:
         self.reloading_listeners: list[Callable[[], None]] = []
         # Coroutines run on the loop for the daemon's whole life (e.g. watchdog pings).
         self.loop_tasks: list[Callable[[], Awaitable[None]]] = []
+        # Run (in a thread) before the models load, e.g. OTA crash recovery.
+        self.prestart: list[Callable[[], None]] = []
         self._stop = asyncio.Event()
 
     def status(self, message: str) -> None:
@@ -59,6 +61,8 @@ class Daemon:
         background = [asyncio.ensure_future(task()) for task in self.loop_tasks]
         if self.config.http.enabled:
             await self.http.start()
+        for hook in self.prestart:
+            await asyncio.to_thread(hook)
         self.status(f"loading models from {self.config.models_path}")
         await asyncio.to_thread(self.dataplane.start)
         for service in self.services:

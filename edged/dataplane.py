@@ -16,7 +16,7 @@ import numpy as np
 
 from edged import __version__
 from edged.config import Config
-from edged.errors import EdgedError, InferenceFailed, InvalidInput
+from edged.errors import EdgedError, InferenceFailed, InvalidInput, ModelNotReady, UpdateRefused
 from edged.metrics import Metrics
 from edged.registry import ModelEntry, ModelRegistry
 
@@ -52,6 +52,7 @@ class DataPlane:
         self.metrics = metrics
         self.started = time.time()
         self._startup_done = threading.Event()
+        self.ota: Any = None  # edged.ota.updater.Updater when [ota] is enabled
         # Called with (request, response, transport) after each successful inference.
         self.result_listeners: list[Callable[[InferenceRequest, InferenceResponse, str], None]] = []
 
@@ -115,7 +116,16 @@ class DataPlane:
             entry = self.registry.get(request.model, request.version)
             version_label = entry.version
             self.metrics.requests.labels(request.model, version_label, transport).inc()
-            response = self._run(entry, request)
+            try:
+                response = self._run(entry, request)
+            except ModelNotReady:
+                # A hot swap unloaded this version between lookup and start: an
+                # unversioned request goes to the version that replaced it.
+                fresh = None if request.version else self.registry.get(request.model)
+                if fresh is None or fresh is entry or not fresh.ready:
+                    raise
+                entry = fresh
+                response = self._run(entry, request)
         except EdgedError as exc:
             if entry is None:
                 self.metrics.requests.labels(request.model, version_label, transport).inc()
@@ -139,9 +149,12 @@ class DataPlane:
                 try:
                     outputs = model.infer(request.inputs)
                 except EdgedError:
+                    entry.count(ok=True)  # the request was bad, not the model
                     raise
                 except Exception as exc:  # a runtime's own exception type
+                    entry.count(ok=False)
                     raise InferenceFailed(f"model {entry.name} failed: {type(exc).__name__}: {exc}") from None
+                entry.count(ok=True)
                 self.metrics.latency.labels(entry.name, entry.version, entry.runtime).observe(
                     time.perf_counter() - start
                 )
@@ -170,6 +183,25 @@ class DataPlane:
                 row["reason"] = entry.reason
             rows.append(row)
         return rows
+
+    # -- OTA ---------------------------------------------------------------
+    def _updater(self) -> Any:
+        if self.ota is None:
+            raise UpdateRefused("OTA updates are disabled on this device (set [ota] enabled = true)")
+        return self.ota
+
+    def ota_status(self) -> dict[str, Any]:
+        return self._updater().status()
+
+    def ota_update(self, payload: Any) -> str:
+        """Queue an update from an OTA message (the same JSON as over MQTT)."""
+        from edged.ota.message import OtaMessage
+
+        return self._updater().submit(OtaMessage.parse(payload))
+
+    def rollback(self, name: str, version: str | None = None) -> str:
+        self.registry.get(name)
+        return self._updater().rollback(name, version or None)
 
     def load_model(self, name: str) -> None:
         self.registry.load(name)

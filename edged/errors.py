@@ -73,3 +73,21 @@ class InferenceFailed(EdgedError):
     """The runtime raised while running the model."""
 
     code = "inference_failed"
+
+
+class SignatureError(EdgedError):
+    """A bundle is unsigned, signed by an unknown key, or its signature is wrong."""
+
+    code = "signature_invalid"
+
+
+class UpdateRefused(EdgedError):
+    """An OTA update was refused (downgrade, bad message, failed self-test, no disk space)."""
+
+    code = "update_refused"
+
+
+class UpdateFailed(EdgedError):
+    """An OTA update failed for a reason that may pass on retry (download, I/O)."""
+
+    code = "update_failed"

@@ -15,10 +15,16 @@ def attach(daemon: "Daemon") -> None:
     from edged import sdnotify
 
     sdnotify.attach(daemon)
+    mqtt = None
     if daemon.config.mqtt.enabled:
         from edged.transports.mqtt import MqttTransport
 
-        daemon.services.append(MqttTransport(daemon.config, daemon.dataplane))
+        mqtt = MqttTransport(daemon.config, daemon.dataplane)
+        daemon.services.append(mqtt)
+    if daemon.config.ota.enabled:
+        from edged.ota import service as ota
+
+        ota.attach(daemon, mqtt)
     if daemon.config.push.enabled:
         from edged.push import MetricsPusher
 

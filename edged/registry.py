@@ -47,6 +47,9 @@ class ModelEntry:
     max_queue: int = 64
     _slots: threading.Semaphore = field(init=False, repr=False)
     _pending: int = field(default=0, init=False, repr=False)
+    # Served requests and runtime failures of this load (OTA health watch).
+    served: int = field(default=0, init=False)
+    errors: int = field(default=0, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _idle: threading.Condition = field(init=False, repr=False)
 
@@ -87,6 +90,12 @@ class ModelEntry:
             if self._pending == 0:
                 self._idle.notify_all()
 
+    def count(self, ok: bool) -> None:
+        with self._lock:
+            self.served += 1
+            if not ok:
+                self.errors += 1
+
     def wait_idle(self, timeout: float) -> bool:
         with self._lock:
             return self._idle.wait_for(lambda: self._pending == 0, timeout=timeout)
@@ -103,8 +112,22 @@ class ModelRegistry:
         self._lock = threading.RLock()
         self._name_locks: dict[str, threading.Lock] = {}
         self.listeners: list[Callable[[str, ModelEntry], None]] = []
+        # OTA-managed models: {state_dir}/store/{model}/active wins over models_dir.
+        self.store_root = config.state_path / "store"
+        self._active: dict[str, str] = {}  # model -> version that unversioned requests use
 
     # -- repository -------------------------------------------------------
+    def _store_actives(self) -> dict[str, Path]:
+        """model -> active bundle directory of OTA-managed models."""
+        actives: dict[str, Path] = {}
+        if not self.store_root.is_dir():
+            return actives
+        for model_dir in sorted(self.store_root.iterdir()):
+            link = model_dir / "active"
+            if link.is_symlink() and (link / MANIFEST).is_file():
+                actives[model_dir.name] = link.resolve()
+        return actives
+
     def _candidates(self) -> Iterator[Path]:
         root = self.config.models_path
         if not root.is_dir():
@@ -120,7 +143,11 @@ class ModelRegistry:
         with self._lock:
             self._broken.clear()
             seen: set[tuple[str, str]] = set()
-            for path in self._candidates():
+            actives = self._store_actives()
+            for model, version in list(self._active.items()):
+                if model not in actives:
+                    del self._active[model]
+            for path in [*actives.values(), *self._candidates()]:
                 try:
                     if is_archive(path):
                         manifest = open_bundle(path, self._unpack_dir(), verify=False).manifest
@@ -131,6 +158,10 @@ class ModelRegistry:
                     log.warning("bundle %s is unusable: %s", path, exc)
                     continue
                 key = (manifest.name, manifest.version)
+                if manifest.name in actives and path != actives[manifest.name]:
+                    continue  # OTA manages this model: only its active version is served
+                if manifest.name in actives:
+                    self._active[manifest.name] = manifest.version
                 if key in seen:
                     log.warning("bundle %s duplicates %s %s; ignored", path, *key)
                     continue
@@ -182,6 +213,10 @@ class ModelRegistry:
             raise ModelNotFound(
                 f"model {name!r} has no version {version!r}; versions: {', '.join(e.version for e in entries)}"
             )
+        pinned = self._active.get(name)
+        for entry in entries:
+            if entry.version == pinned and entry.ready:
+                return entry
         ready = [e for e in entries if e.ready]
         return (ready or entries)[-1]
 
@@ -244,6 +279,35 @@ class ModelRegistry:
         else:
             entry.state, entry.reason, entry.model = ModelState.FAILED, reason, None
         self._publish("failed", entry)
+
+    def adopt(self, model: LoadedModel, source: Path) -> list[ModelEntry]:
+        """Serve an already loaded (warmed, self-tested) model as its name's active
+        version: new requests go to it at once; other versions of the name
+        finish their in-flight requests, then unload. Returns those entries."""
+        name, version = model.name, model.version
+        with self._name_lock(name):
+            with self._lock:
+                key = (name, version)
+                entry = self._entries.get(key)
+                if entry is None:
+                    entry = self._new_entry(name, version, source, model.bundle.manifest.runtime)
+                    self._entries[key] = entry
+                previous_model = entry.model
+                entry.source, entry.runtime = source, model.bundle.manifest.runtime
+                entry.model, entry.state, entry.reason = model, ModelState.READY, ""
+                entry.served = entry.errors = 0
+                self._active[name] = version
+                others = [e for e in self._entries.values() if e.name == name and e is not entry]
+            if previous_model is not None and previous_model is not model:
+                entry.wait_idle(timeout=30.0)
+                previous_model.unload()
+            self.metrics.load_time.labels(name, version, entry.runtime).set(model.load_seconds)
+            self._publish("loaded", entry)
+            for other in others:
+                self._unload_entry(other)
+                with self._lock:
+                    self._entries.pop((other.name, other.version), None)
+            return others
 
     def unload(self, name: str) -> list[ModelEntry]:
         with self._name_lock(name):

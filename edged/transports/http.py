@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 STATUS_BY_CODE: dict[str, int] = {
     "invalid_input": 400,
     "bundle_invalid": 400,
+    "signature_invalid": 400,
+    "update_refused": 409,
+    "update_failed": 502,
     "model_not_found": 404,
     "payload_too_large": 413,
     "model_not_ready": 503,
@@ -83,6 +86,9 @@ class HttpTransport:
         r.add_post("/v2/repository/index", self.repository_index)
         r.add_post("/v2/repository/models/{model}/load", self.load)
         r.add_post("/v2/repository/models/{model}/unload", self.unload)
+        r.add_post("/v2/repository/models/{model}/rollback", self.rollback)
+        r.add_get("/v2/ota/status", self.ota_status)
+        r.add_post("/v2/ota/update", self.ota_update)
         for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             r.add_get(prefix, self.model_metadata)
             r.add_get(prefix + "/ready", self.model_ready)
@@ -168,6 +174,20 @@ class HttpTransport:
         await self._json_body(request)
         await self._offload(self.dataplane.unload_model, request.match_info["model"])
         return _json({})
+
+    # -- OTA (edged extension) -----------------------------------------------
+    async def rollback(self, request: web.Request) -> web.Response:
+        data = await self._json_body(request)
+        version = await self._offload(self.dataplane.rollback, request.match_info["model"], data.get("version"))
+        return _json({"model": request.match_info["model"], "active": version})
+
+    async def ota_status(self, request: web.Request) -> web.Response:
+        return _json(self.dataplane.ota_status())
+
+    async def ota_update(self, request: web.Request) -> web.Response:
+        data = await self._json_body(request)
+        result = await self._offload(self.dataplane.ota_update, data)
+        return _json({"result": result}, 202)
 
     # -- inference --------------------------------------------------------
     async def _read(self, request: web.Request) -> bytes:

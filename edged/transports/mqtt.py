@@ -102,6 +102,9 @@ class MqttTransport:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._drainer: threading.Thread | None = None
+        # Extra topic filters and their handlers (topic, payload), e.g. OTA messages.
+        # Handlers run on a worker thread, never on paho's network thread.
+        self.subscriptions: dict[str, Callable[[str, bytes], None]] = {}
         self.client = self._make_client()
 
     # -- setup ------------------------------------------------------------
@@ -186,6 +189,8 @@ class MqttTransport:
         self.m_connected.set(1)
         log.info("MQTT connected to %s:%d as %s", self.cfg.host, self.cfg.port, self.device)
         client.subscribe(f"{self.base}/infer/+", qos=self.cfg.qos)
+        for topic_filter in self.subscriptions:
+            client.subscribe(topic_filter, qos=1)
         client.publish(f"{self.base}/status", json.dumps(self.status_summary()), qos=1, retain=True)
         self._reset.set()  # the drain thread resends everything not yet acknowledged, in order
         self._wake.set()
@@ -201,10 +206,27 @@ class MqttTransport:
         self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        handler: Callable[[mqtt.MQTTMessage], None] = self._handle_request
+        for topic_filter, callback in self.subscriptions.items():
+            if mqtt.topic_matches_sub(topic_filter, message.topic):
+                handler = lambda m, cb=callback: self._handle_subscription(cb, m)  # noqa: E731
+                break
         try:
-            self.executor.submit(self._handle_request, message)
+            self.executor.submit(handler, message)
         except RuntimeError:  # shutting down
             pass
+
+    def _handle_subscription(self, callback: Callable[[str, bytes], None], message: mqtt.MQTTMessage) -> None:
+        try:
+            callback(message.topic, message.payload)
+        except Exception:  # never let one message kill the loop
+            log.exception("MQTT handler for %s failed", message.topic)
+
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        """A retained message through the durable outbox (delivered after outages, in order)."""
+        props = json.dumps({"content_type": JSON_CONTENT_TYPE})
+        self.outbox.put(topic, payload, qos=1, retain=True, properties=props)
+        self._wake.set()
 
     # -- requests -----------------------------------------------------------
     def _handle_request(self, message: mqtt.MQTTMessage) -> None:
@@ -327,6 +349,7 @@ class MqttTransport:
     def status_summary(self) -> dict[str, Any]:
         return {
             "state": "online", "device": self.device, "version": __version__,
+            "groups": list(self.config.ota.groups) if self.config.ota.enabled else [],
             "uptime_s": round(time.time() - self.started, 1),
             "models": [{"name": e.name, "version": e.version, "state": e.state.value} for e in self.dataplane.registry.index()],
         }
