@@ -148,8 +148,8 @@ class DataPlane:
                 start = time.perf_counter()
                 try:
                     outputs = model.infer(request.inputs)
-                except EdgedError:
-                    entry.count(ok=True)  # the request was bad, not the model
+                except EdgedError as exc:
+                    entry.count(ok=not isinstance(exc, InferenceFailed))  # a bad request is not the model's fault
                     raise
                 except Exception as exc:  # a runtime's own exception type
                     entry.count(ok=False)

@@ -4,6 +4,7 @@ timeouts, retries with back-off, and a disk-space check before starting."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import shutil
 import threading
@@ -48,23 +49,28 @@ def download(
     policy: DownloadPolicy,
     progress: Callable[[int, int], None] | None = None,
     stop: threading.Event | None = None,
+    resumes: list[int] | None = None,
 ) -> Path:
     """Download ``url`` to ``dest``, resuming from ``dest.part`` with a Range
-    request. Returns ``dest`` once it holds exactly ``size`` bytes."""
+    request. Returns ``dest`` once it holds exactly ``size`` bytes; the byte
+    offsets it resumed from are appended to ``resumes``."""
     if size > policy.max_bytes:
         raise UpdateRefused(f"bundle is {size} bytes, over the limit of {policy.max_bytes} (ota.max_bundle_bytes)")
     if dest.is_file() and dest.stat().st_size == size:
         return dest
     part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
     attempt = 0
     while True:
         try:
+            if resumes is not None and part.exists() and 0 < part.stat().st_size < size:
+                resumes.append(part.stat().st_size)
             _fetch(url, part, size, policy.timeout_s, progress, stop)
             part.replace(dest)
             return dest
         except UpdateRefused:
             raise
-        except (OSError, urllib.error.URLError, UpdateFailed) as exc:
+        except (OSError, urllib.error.URLError, http.client.HTTPException, UpdateFailed) as exc:
             attempt += 1
             if attempt > policy.retries or (stop is not None and stop.is_set()):
                 raise UpdateFailed(f"download of {url} failed after {attempt} attempt(s): {exc}") from None

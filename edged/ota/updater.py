@@ -184,6 +184,7 @@ class Updater:
             update.progress = {}
         if journal is not None:
             journal.update(state=state, reason=reason, updated_at=time.time())
+            update.target = journal.get("target", update.target)
             self.store.write_journal(model, journal)
         self._set_state_metric(model, state)
         log.info("OTA %s: %s%s", model, state, f" ({reason})" if reason else "")
@@ -274,11 +275,13 @@ class Updater:
         self._enter(model, "downloading", journal)
         policy = DownloadPolicy(self.cfg.max_bundle_bytes, self.cfg.download_timeout_s,
                                 self.cfg.download_retries, self.cfg.retry_backoff_s)
-        part = archive.with_name(archive.name + ".part")
-        resumed_from = part.stat().st_size if part.exists() else 0
-        download(message.url, archive, message.size, policy, lambda got, total: self._progress(model, got, total), self._stop)
-        self.m_bytes.inc(max(0, message.size - resumed_from))
-        journal["resumed_from"] = resumed_from
+        resumes: list[int] = []
+        already = archive.exists()
+        download(message.url, archive, message.size, policy, lambda got, total: self._progress(model, got, total),
+                 self._stop, resumes)
+        if not already:
+            self.m_bytes.inc(message.size - (resumes[0] if resumes else 0))
+        journal["download_resumed_from"] = resumes
 
         self._enter(model, "verifying", journal)
         digest = sha256_of(archive)
@@ -389,7 +392,11 @@ class Updater:
 
     def rollback(self, model: str, to: str | None = None, reason: str = "requested by the operator") -> str:
         """Switch ``model`` back to ``to`` (default: the version before the active one)."""
-        with self._model_lock(model):
+        lock = self._model_lock(model)
+        if not lock.acquire(timeout=5.0):
+            state = self._updates.get(model, ModelUpdate()).state
+            raise UpdateRefused(f"an update of {model} is in progress ({state}); roll back when it has finished")
+        try:
             journal = self.store.read_journal(model)
             target = to or journal.get("previous", "")
             if not target:
@@ -403,6 +410,8 @@ class Updater:
                 )
             self._rollback(model, journal, reason, to=target)
             return target
+        finally:
+            lock.release()
 
     def _rollback(self, model: str, journal: dict[str, Any], reason: str, to: str) -> None:
         bad = self.store.active_version(model) or journal.get("target", "")
