@@ -121,6 +121,9 @@ def install_steps(
     steps = [
         Step(f"create system user {user}: {' '.join(useradd)}", lambda: not _user_exists(user), lambda: run(useradd)),
         Step(f"create {config_dir}", lambda: not config_dir.is_dir(), lambda: config_dir.mkdir(parents=True, mode=0o755)),
+        Step(f"create {config_dir / 'trusted-keys'} (OTA: public keys whose bundle signatures are accepted)",
+             lambda: not (config_dir / "trusted-keys").is_dir(),
+             lambda: (config_dir / "trusted-keys").mkdir(parents=True, mode=0o755)),
         Step(f"create {models}: {' '.join(mkstate)}", lambda: not models.is_dir(), lambda: run(mkstate)),
         Step(f"write {target_config} (mode 0640, group {user}; only when missing, an existing one is never overwritten)",
              lambda: not target_config.exists(), _write(target_config, config_text, 0o640, user)),
