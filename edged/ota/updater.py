@@ -71,6 +71,7 @@ class Updater:
         self.status_listeners: list[Callable[[dict[str, Any]], None]] = []
         self._updates: dict[str, ModelUpdate] = {}
         self._pending: dict[str, OtaMessage] = {}
+        self._in_progress: dict[str, str] = {}  # model -> sha256 being applied
         self._workers: dict[str, threading.Thread] = {}
         self._model_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -215,7 +216,13 @@ class Updater:
                     self._workers.pop(model, None)
                     return
             with self._model_lock(model):
-                self._apply(message)
+                with self._lock:
+                    self._in_progress[model] = message.sha256
+                try:
+                    self._apply(message)
+                finally:
+                    with self._lock:
+                        self._in_progress.pop(model, None)
 
     def _model_lock(self, model: str) -> threading.Lock:
         with self._lock:
@@ -270,6 +277,10 @@ class Updater:
                 "and allow_unsigned is false"
             )
         archive = self.downloads / f"{message.sha256}.tar.gz"
+        if self.downloads.is_dir():  # partial downloads of releases no longer wanted
+            for stale in self.downloads.iterdir():
+                if not stale.name.startswith(message.sha256) and stale.name.split(".")[0] not in self._wanted_shas():
+                    stale.unlink(missing_ok=True)
         check_disk_space(self.work, 0 if archive.exists() else message.size * 3)
 
         self._enter(model, "downloading", journal)
@@ -341,6 +352,10 @@ class Updater:
         self._enter(model, "watching", journal)
         archive.unlink(missing_ok=True)
         self.store.prune(model, self.cfg.keep_versions, protect={journal.get("previous", "")})
+
+    def _wanted_shas(self) -> set[str]:
+        with self._lock:
+            return {m.sha256 for m in self._pending.values()} | set(self._in_progress.values())
 
     def _import_current(self, model: str, version: str) -> None:
         """First OTA update of a model served from models_dir: copy the running
