@@ -86,38 +86,75 @@ def make_faulty_release(source: Path, dest_dir: Path, name: str, version: str, k
     """A release whose model passes its self-test but fails at run time on other
     inputs: logits = table[max(pixel)], so a pixel above 16 makes onnxruntime's
     Gather raise (index out of bounds). Same input/output tensors as ``source``."""
-    import onnx
     from onnx import TensorProto, helper
 
     table = np.random.default_rng(3).normal(size=(17, 10)).astype(np.float32)
+    nodes = [
+        helper.make_node("Reshape", ["input", "shape"], ["flat"]),
+        helper.make_node("ReduceMax", ["flat", "axes"], ["peak"], keepdims=0),
+        helper.make_node("Cast", ["peak"], ["index"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "index"], ["logits"], axis=0),
+    ]
+    initializers = [
+        helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 64]),
+        helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("table", TensorProto.FLOAT, table.shape, table.ravel().tolist()),
+    ]
+    return make_onnx_release(nodes, initializers, source, dest_dir, name, version, key)
+
+
+def make_big_release(source: Path, dest_dir: Path, name: str, version: str, key: Path, megabytes: float = 10.0) -> Path:
+    """A digits-shaped ONNX release of about ``megabytes`` (random dense weights):
+    logits = relu(x @ W1) @ W2. Different versions get different weights."""
+    from onnx import numpy_helper, helper
+
+    seed = sum(int(p) * 1000**i for i, p in enumerate(reversed(version.split("-")[0].split("."))))
+    rng = np.random.default_rng(seed)
+    hidden = max(16, int(megabytes * 2**20 / 4 / (64 + 10)))
+    w1 = (rng.normal(size=(64, hidden)) / 8).astype(np.float32)
+    w2 = (rng.normal(size=(hidden, 10)) / np.sqrt(hidden)).astype(np.float32)
+    nodes = [
+        helper.make_node("Reshape", ["input", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["logits"]),
+    ]
+    initializers = [
+        numpy_helper.from_array(np.array([-1, 64], dtype=np.int64), "shape"),
+        numpy_helper.from_array(w1, "w1"),
+        numpy_helper.from_array(w2, "w2"),
+    ]
+    return make_onnx_release(nodes, initializers, source, dest_dir, name, version, key)
+
+
+def make_onnx_release(nodes: list, initializers: list, source: Path, dest_dir: Path, name: str,
+                      version: str, key: Path | None) -> Path:
+    """A signed release of a hand-built ONNX graph with ``source``'s tensors; the
+    expected sample outputs come from running it with onnxruntime."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
     graph = helper.make_graph(
-        [
-            helper.make_node("Reshape", ["input", "shape"], ["flat"]),
-            helper.make_node("ReduceMax", ["flat", "axes"], ["peak"], keepdims=0),
-            helper.make_node("Cast", ["peak"], ["index"], to=TensorProto.INT64),
-            helper.make_node("Gather", ["table", "index"], ["logits"], axis=0),
-        ],
-        "faulty",
+        nodes, name,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 1, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 10])],
-        [
-            helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 64]),
-            helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
-            helper.make_tensor("table", TensorProto.FLOAT, table.shape, table.ravel().tolist()),
-        ],
+        initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     dest_dir.mkdir(parents=True, exist_ok=True)
-    model_path = dest_dir / f"faulty-{version}.onnx"
+    model_path = dest_dir / f"{name}-{version}.onnx"
     onnx.save(model, model_path)
     bundle = open_bundle(source)
     manifest = bundle.manifest
-    manifest.name, manifest.version = name, version
+    manifest.name, manifest.version, manifest.runtime, manifest.model_file = name, version, "onnx", "model.onnx"
+    manifest.validation = {}
     inputs, _ = bundle.load_samples()
-    sample = next(iter(inputs.values()))
-    index = sample.reshape(len(sample), -1).max(axis=1).astype(np.int64)
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    outputs = {"logits": session.run(["logits"], {"input": inputs["input"]})[0]}
     root = dest_dir / f"{name}-{version}"
-    write_bundle(root, manifest, {manifest.model_file: model_path}, inputs, {"logits": table[index]})
-    sign_bundle_dir(root, load_private_key(key))
+    write_bundle(root, manifest, {"model.onnx": model_path}, inputs, outputs)
+    if key is not None:
+        sign_bundle_dir(root, load_private_key(key))
     return root

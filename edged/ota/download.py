@@ -102,9 +102,8 @@ def _fetch(url: str, part: Path, size: int, timeout: float,
         if exc.code == 416 and have:
             part.unlink()  # our partial file no longer fits the server's: start over
             raise UpdateFailed(f"server refused the resume range (416); restarting from zero") from None
-        if 400 <= exc.code < 500 and exc.code not in (408, 429):
-            raise UpdateRefused(f"bundle server answered HTTP {exc.code} for {url}") from None
-        raise UpdateFailed(f"bundle server answered HTTP {exc.code}") from None
+        # Even a 404 may pass (a bundle published before its upload finished): retry, never refuse for good.
+        raise UpdateFailed(f"bundle server answered HTTP {exc.code} for {url}") from None
     with response:
         if have and response.status == 206:
             content_range = response.headers.get("Content-Range", "")

@@ -97,7 +97,7 @@ def test_download_full_and_size_limits(tmp_path, file_server):
         download(f"{base}/b.tar.gz", tmp_path / "dl" / "c.tar.gz", 20_000, policy)
     with pytest.raises(UpdateRefused, match="server sends 5000 bytes"):
         download(f"{base}/b.tar.gz", tmp_path / "dl" / "d.tar.gz", 4000, policy)
-    with pytest.raises(UpdateRefused, match="HTTP 404"):
+    with pytest.raises(UpdateFailed, match="HTTP 404"):
         download(f"{base}/missing.tar.gz", tmp_path / "dl" / "e.tar.gz", 10, policy)
 
 
