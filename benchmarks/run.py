@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("core", "conversion", "mqtt")
+SECTIONS = ("core", "conversion", "mqtt", "ota")
 
 
 def main() -> None:

@@ -252,5 +252,9 @@ def doctor() -> None:
 from edged.cli_convert import convert as _convert  # noqa: E402  (heavy imports stay lazy inside)
 app.command("convert")(_convert)
 
+from edged.cli_fleet import register as _register_fleet  # noqa: E402
+
+_register_fleet(app, bundle_app)
+
 if __name__ == "__main__":
     app()
