@@ -13,6 +13,7 @@ Defaults (documented in README.md)::
     host = "127.0.0.1"
     port = 8080
     max_body_bytes = 67108864      # 64 MiB; larger requests get 413
+    [mqtt] / [push] / [ota]        # off by default; every key is in README.md
 
 Every scalar can be overridden with EDGED_<KEY> or EDGED_<SECTION>_<KEY>
 (e.g. EDGED_HTTP_PORT=9000, EDGED_MODELS_DIR=/srv/models).

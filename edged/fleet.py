@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import posixpath
-import tarfile
 import threading
 import time
 import urllib.parse
@@ -20,7 +18,8 @@ from typing import Any
 from edged.bundle import MANIFEST, Manifest, is_archive, sha256_file
 from edged.errors import BundleError, ConfigError, SignatureError
 from edged.ota.message import OtaMessage, Rollout, device_topic, group_topic
-from edged.signing import SIGNATURE_FILE, Signature
+from edged import signing
+from edged.signing import Signature
 
 log = logging.getLogger(__name__)
 
@@ -160,23 +159,12 @@ def read_archive_manifest(archive: Path) -> tuple[Manifest, Signature | None]:
     """The manifest and signature inside a bundle archive, without unpacking it."""
     if not is_archive(archive):
         raise BundleError(f"{archive}: not a .tar.gz bundle (pack a directory with `edged bundle pack`)")
+    manifest_bytes, signature = signing.read_archive_manifest(archive)
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = {posixpath.normpath(m.name): m for m in tar.getmembers() if m.isfile()}
-            tops = [n for n in members if posixpath.basename(n) == MANIFEST and n.count("/") <= 1]
-            if not tops:
-                raise BundleError(f"{archive.name}: no {MANIFEST} at the top of the archive")
-            name = min(tops, key=len)
-            prefix = name[: -len(MANIFEST)]
-            handle = tar.extractfile(members[name])
-            manifest = Manifest.from_dict(json.loads(handle.read() if handle else b""), f"{archive.name}:{MANIFEST}")
-            signature = None
-            if prefix + SIGNATURE_FILE in members:
-                handle = tar.extractfile(members[prefix + SIGNATURE_FILE])
-                signature = Signature.from_dict(json.loads(handle.read() if handle else b""), f"{archive.name}:{SIGNATURE_FILE}")
-    except (tarfile.TarError, OSError, ValueError) as exc:
-        raise BundleError(f"{archive.name}: not a readable bundle archive: {exc}") from None
-    return manifest, signature
+        data = json.loads(manifest_bytes)
+    except ValueError:
+        raise BundleError(f"{archive.name}: {MANIFEST} is not valid JSON") from None
+    return Manifest.from_dict(data, f"{archive.name}:{MANIFEST}"), signature
 
 
 def build_message(

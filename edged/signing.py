@@ -19,12 +19,14 @@ import base64
 import hashlib
 import json
 import os
+import posixpath
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edged.bundle import MANIFEST, Manifest
-from edged.errors import ConfigError, SignatureError
+from edged.errors import BundleError, ConfigError, SignatureError
 
 SIGNATURE_FILE = "manifest.sig"
 ALG = "ed25519"
@@ -198,3 +200,29 @@ def verify_bundle_signature(
     for sig in checked:
         verify_manifest_bytes(manifest_bytes, sig, keys)
     return checked[0]
+
+
+def read_archive_manifest(archive: Path) -> tuple[bytes, Signature | None]:
+    """The exact bytes of manifest.json and its manifest.sig (if any) inside a
+    bundle archive, read without unpacking it (at the top or one directory down)."""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = {posixpath.normpath(m.name): m for m in tar.getmembers() if m.isfile()}
+            tops = [n for n in members if posixpath.basename(n) == MANIFEST and n.count("/") <= 1]
+            if not tops:
+                raise BundleError(f"{Path(archive).name}: no {MANIFEST} at the top of the archive")
+            name = min(tops, key=len)
+            handle = tar.extractfile(members[name])
+            manifest_bytes = handle.read() if handle else b""
+            signature = None
+            sig_name = name[: -len(MANIFEST)] + SIGNATURE_FILE
+            if sig_name in members:
+                handle = tar.extractfile(members[sig_name])
+                try:
+                    data = json.loads(handle.read() if handle else b"")
+                except ValueError:
+                    raise SignatureError(f"{Path(archive).name}: {SIGNATURE_FILE} is not valid JSON") from None
+                signature = Signature.from_dict(data, f"{Path(archive).name}:{SIGNATURE_FILE}")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise BundleError(f"{Path(archive).name}: not a readable .tar.gz: {exc}") from None
+    return manifest_bytes, signature

@@ -101,7 +101,7 @@ def _fetch(url: str, part: Path, size: int, timeout: float,
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:
             part.unlink()  # our partial file no longer fits the server's: start over
-            raise UpdateFailed(f"server refused the resume range (416); restarting from zero") from None
+            raise UpdateFailed("server refused the resume range (416); restarting from zero") from None
         # Even a 404 may pass (a bundle published before its upload finished): retry, never refuse for good.
         raise UpdateFailed(f"bundle server answered HTTP {exc.code} for {url}") from None
     with response:

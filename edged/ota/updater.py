@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import signal
-import tarfile
 import tempfile
 import threading
 import time
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edged.bundle import MANIFEST, _bundle_root, open_bundle, safe_extract, semver_key
+from edged.bundle import _bundle_root, open_bundle, safe_extract, semver_key
 from edged.config import Config
 from edged.errors import BundleError, EdgedError, ModelNotFound, SignatureError, UpdateFailed, UpdateRefused
 from edged.metrics import Metrics
@@ -33,7 +32,7 @@ from edged.ota.download import DownloadPolicy, check_disk_space, download, sha25
 from edged.ota.message import OtaMessage
 from edged.ota.store import ModelStore
 from edged.registry import ModelRegistry
-from edged.signing import SIGNATURE_FILE, Signature, trusted_keys, verify_bundle_signature, verify_manifest_bytes
+from edged.signing import read_archive_manifest, trusted_keys, verify_bundle_signature, verify_manifest_bytes
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +298,7 @@ class Updater:
         if digest != message.sha256:
             archive.unlink(missing_ok=True)
             raise UpdateRefused(f"bundle sha256 {digest[:12]}… does not match the message ({message.sha256[:12]}…)")
-        manifest_bytes, bundled_sig = _read_signed_manifest(archive)
+        manifest_bytes, bundled_sig = read_archive_manifest(archive)
         if message.signature is not None or bundled_sig is not None or not self.cfg.allow_unsigned:
             signatures = [s for s in (message.signature, bundled_sig) if s is not None]
             if not signatures:
@@ -458,29 +457,3 @@ class Updater:
             journal.setdefault("refused", {})[key] = "rolled back"
         journal.update(target=to, previous="")
 
-
-def _read_signed_manifest(archive: Path) -> tuple[bytes, Signature | None]:
-    """manifest.json bytes and manifest.sig from an archive, without unpacking it."""
-    from edged.signing import read_signature  # noqa: F401  (same format as on disk)
-    import json
-
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            names = {m.name.lstrip("./"): m for m in tar.getmembers() if m.isfile()}
-            prefixes = ["", *{n.split("/", 1)[0] + "/" for n in names if "/" in n}]
-            for prefix in prefixes:
-                if prefix + MANIFEST in names:
-                    manifest = tar.extractfile(names[prefix + MANIFEST])
-                    manifest_bytes = manifest.read() if manifest else b""
-                    sig_member = names.get(prefix + SIGNATURE_FILE)
-                    signature = None
-                    if sig_member is not None:
-                        handle = tar.extractfile(sig_member)
-                        try:
-                            signature = Signature.from_dict(json.loads(handle.read() if handle else b""))
-                        except ValueError:
-                            raise SignatureError("manifest.sig in the bundle is not valid JSON") from None
-                    return manifest_bytes, signature
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise BundleError(f"{archive.name}: not a readable .tar.gz: {exc}") from None
-    raise BundleError(f"{archive.name}: no {MANIFEST} in the archive")

@@ -17,7 +17,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from edged.ota.message import OtaMessage, device_topic, group_topic, status_topic
+from edged.ota.message import OtaMessage, device_topic, group_topic
 from tests.brokers import wait_port
 from tests.helpers import DEMO_BUNDLES, REPO, DaemonProcess, free_port, http, start_daemon
 from tests.ota_release import Keys, expected_outputs, make_keys, make_release, message_for, pack
