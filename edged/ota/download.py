@@ -3,7 +3,6 @@ timeouts, retries with back-off, and a disk-space check before starting."""
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import shutil
@@ -133,10 +132,3 @@ def _fetch(url: str, part: Path, size: int, timeout: float,
     if have != size:
         raise UpdateFailed(f"connection closed after {have} of {size} bytes")
 
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edged.bundle import _bundle_root, open_bundle, safe_extract, semver_key
+from edged.bundle import _bundle_root, open_bundle, safe_extract, semver_key, sha256_file
 from edged.config import Config
 from edged.errors import BundleError, EdgedError, ModelNotFound, SignatureError, UpdateFailed, UpdateRefused
 from edged.metrics import Metrics
 from edged.model import LoadedModel
-from edged.ota.download import DownloadPolicy, check_disk_space, download, sha256_of
+from edged.ota.download import DownloadPolicy, check_disk_space, download
 from edged.ota.message import OtaMessage
 from edged.ota.store import ModelStore
 from edged.registry import ModelRegistry
@@ -294,7 +294,7 @@ class Updater:
         journal["download_resumed_from"] = resumes
 
         self._enter(model, "verifying", journal)
-        digest = sha256_of(archive)
+        digest = sha256_file(archive)
         if digest != message.sha256:
             archive.unlink(missing_ok=True)
             raise UpdateRefused(f"bundle sha256 {digest[:12]}… does not match the message ({message.sha256[:12]}…)")
