@@ -38,7 +38,8 @@ def _broker(address: str, prefix: str, config: Optional[Path]):
 
     mqtt = load_config(config).mqtt
     return Broker(host=mqtt.host, port=mqtt.port, username=mqtt.username, password=mqtt.password,
-                  tls=mqtt.tls, ca_file=mqtt.ca_file, prefix=mqtt.topic_prefix.rstrip("/"))
+                  tls=mqtt.tls, ca_file=mqtt.ca_file, cert_file=mqtt.cert_file, key_file=mqtt.key_file,
+                  prefix=mqtt.topic_prefix.rstrip("/"))
 
 
 # -- keys and signing ------------------------------------------------------------------
@@ -67,10 +68,15 @@ def bundle_sign(
     key: Path = typer.Option(..., "--key", "-k", help="Ed25519 private key (PEM) from `edged keys generate`."),
 ) -> None:
     """Sign a bundle: writes manifest.sig, a signature over manifest.json (which lists
-    every file's sha256). Example: `edged bundle sign bundles/digits-onnx --key keys/edged.key`."""
+    every file's sha256). A bundle whose files no longer match its manifest is refused.
+
+    Examples: `edged bundle sign bundles/digits-onnx --key keys/edged.key`, or for an
+    archive (unpacked safely, signed, repacked atomically in place):
+    `edged bundle sign site/digits-2.0.0.tar.gz --key keys/edged.key`."""
     from edged.bundle import _bundle_root, is_archive, open_bundle, pack_bundle, safe_extract
     from edged.signing import load_private_key, sign_bundle_dir
 
+    staged = path.with_name(f".{path.name}.tmp")
     try:
         private = load_private_key(key)
         if is_archive(path):
@@ -79,13 +85,14 @@ def bundle_sign(
                 root = _bundle_root(Path(tmp) / "b")
                 open_bundle(root)
                 signature = sign_bundle_dir(root, private)
-                staged = path.with_name(f".{path.name}.tmp")
                 pack_bundle(root, staged)
                 staged.replace(path)
         else:
             open_bundle(path)  # refuse to sign a bundle whose files do not match its manifest
             signature = sign_bundle_dir(path, private)
-    except EdgedError as exc:
+    except (EdgedError, OSError) as exc:
+        if staged.is_file():
+            staged.unlink()
         _fail(str(exc))
     typer.echo(f"signed {path} with key {signature.key_id}")
 
@@ -94,8 +101,12 @@ def bundle_pack(
     path: Path = typer.Argument(..., help="Bundle directory."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Archive to write (default: NAME-VERSION.tar.gz here)."),
 ) -> None:
-    """Pack a (signed) bundle directory as .tar.gz for `edged fleet publish`."""
+    """Pack a (signed) bundle directory as .tar.gz for `edged fleet publish`; the
+    files are checked against the manifest first and the archive appears atomically.
+
+    Example: `edged bundle pack bundles/digits-onnx -o site/digits-2.0.0.tar.gz`."""
     from edged.bundle import open_bundle, pack_bundle
+    from edged.signing import SIGNATURE_FILE
 
     try:
         bundle = open_bundle(path)
@@ -103,9 +114,16 @@ def bundle_pack(
         _fail(str(exc))
     target = out or Path(f"{bundle.manifest.name}-{bundle.manifest.version}.tar.gz")
     staged = target.with_name(f".{target.name}.tmp")
-    pack_bundle(path, staged)
-    staged.replace(target)
+    try:
+        pack_bundle(path, staged)
+        staged.replace(target)
+    except OSError as exc:
+        staged.unlink(missing_ok=True)
+        _fail(f"cannot write {target}: {exc}")
     typer.echo(f"wrote {target} ({target.stat().st_size} bytes)")
+    if not (Path(path) / SIGNATURE_FILE).is_file():
+        typer.secho("note: the bundle is unsigned; devices refuse it (run `edged bundle sign` on the directory "
+                    "or the archive)", fg=typer.colors.YELLOW, err=True)
 
 
 # -- fleet ---------------------------------------------------------------------------
@@ -116,7 +134,10 @@ def fleet_serve(
 ) -> None:
     """Serve bundle archives over HTTP with Range support (downloads resume).
 
-    For tests and small sites; any HTTP server (nginx, S3, ...) works as well."""
+    For tests and small sites; any HTTP server (nginx, S3, ...) works as well. Only
+    files under DIR are served (no listings); every request is logged with its Range.
+
+    Example: `edged fleet serve site/ --host 0.0.0.0 --port 8000`."""
     import logging
 
     from edged.fleet import serve
@@ -137,7 +158,7 @@ def fleet_serve(
 
 def fleet_publish(
     archive: Path = typer.Argument(..., help="Signed bundle .tar.gz (`edged bundle sign` + `edged bundle pack`)."),
-    url: str = typer.Option(..., "--url", help="Where devices download it; a URL ending in / gets the file name appended."),
+    url: Optional[str] = typer.Option(None, "--url", help="Where devices download it (needed unless --clear); a URL ending in / gets the file name appended."),
     group: Optional[str] = typer.Option(None, "--group", "-g", help="Fleet group: publish to edged/fleet/GROUP/ota/MODEL."),
     devices: Optional[str] = typer.Option(None, "--devices", help="Comma-separated device ids: with --group, only these; alone, one topic per device."),
     canary: float = typer.Option(100.0, "--canary", help="Percent of the targeted devices that update (a stable slice per release)."),
@@ -148,19 +169,26 @@ def fleet_publish(
     topic_prefix: str = PREFIX_OPTION,
     config: Optional[Path] = CONFIG_OPTION,
 ) -> None:
-    """Publish a retained OTA update message for a group or for devices.
+    """Publish a retained OTA update message (QoS 1, acknowledged by the broker) for
+    a group (topic PREFIX/fleet/GROUP/ota/MODEL) or for single devices (topic
+    PREFIX/DEVICE/ota/update/MODEL). Model, version, signature, sha256 and size come
+    from the archive.
 
-    Example: `edged fleet publish digits-2.0.0.tar.gz --group line1 --url http://10.0.0.5:8000/ --canary 10`
+    Examples: `edged fleet publish digits-2.0.0.tar.gz --group line1 --url http://10.0.0.5:8000/ --canary 10`;
+    `edged fleet publish digits-2.0.0.tar.gz --devices press-07 --url http://10.0.0.5:8000/`;
+    `edged fleet publish digits-2.0.0.tar.gz --group line1 --clear`.
     """
-    from edged.fleet import build_message, publish, read_archive_manifest, topics_for
+    from edged.fleet import build_message, publish, read_archive_manifest, topics_for, unpublish
 
     device_list = [d.strip() for d in (devices or "").split(",") if d.strip()]
+    if not clear and not url:
+        _fail("--url is required: where devices download the archive, e.g. --url http://10.0.0.5:8000/")
     try:
         target = _broker(broker, topic_prefix, config)
         if clear:
             manifest, _ = read_archive_manifest(archive)
             topics = topics_for(target, manifest.name, group, device_list)
-            publish(target, topics, b"")
+            unpublish(target, topics)
             typer.echo(f"cleared {', '.join(topics)}")
             return
         message = build_message(archive, url, device_list if group else [], canary, allow_downgrade, allow_unsigned)
@@ -182,7 +210,10 @@ def fleet_status(
     config: Optional[Path] = CONFIG_OPTION,
 ) -> None:
     """Show devices with their model versions and update states, from their retained
-    status topics. Example: `edged fleet status --group line1 --watch`."""
+    PREFIX/DEVICE/status and PREFIX/DEVICE/ota/status topics.
+
+    Examples: `edged fleet status --group line1 --watch` (live until Ctrl-C);
+    `edged fleet status --json` for scripts."""
     from edged.fleet import StatusCollector
 
     try:

@@ -1,20 +1,28 @@
-"""The fleet CLI as a user runs it: keys generate, bundle sign/pack/verify,
-fleet publish (a real mosquitto receives the retained message) and fleet status."""
+"""The fleet CLI as a user runs it: keys generate, bundle sign/pack/verify (and
+tampering caught), fleet publish (a real mosquitto keeps the retained message)
+and fleet status (from retained statuses published like a daemon does)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 
+from edged.bundle import safe_extract
+from edged.errors import SignatureError
+from edged.fleet import read_archive_manifest
 from edged.signing import trusted_keys, verify_bundle_signature
-from tests.helpers import REPO
+from tests.helpers import REPO, free_port
 
 
 def edged(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -38,11 +46,49 @@ def _subscribe(port: int, topic: str) -> tuple[mqtt.Client, list, threading.Even
     return client, got, event
 
 
+def _retained(port: int, topic: str, wait: float = 1.0) -> list:
+    """The retained messages a fresh subscriber gets within ``wait`` seconds."""
+    client, got, _ = _subscribe(port, topic)
+    time.sleep(wait)
+    client.loop_stop()
+    client.disconnect()
+    return [m for m in got if m.retain]
+
+
+def _publish_retained(port: int, items: dict[str, dict]) -> None:
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    for topic, body in items.items():
+        pub.publish(topic, json.dumps(body), qos=1, retain=True).wait_for_publish(5)
+    pub.loop_stop()
+    pub.disconnect()
+
+
+@pytest.fixture()
+def signing_key(tmp_path) -> Path:
+    keys = tmp_path / "keys"
+    result = edged("keys", "generate", "--out-dir", str(keys))
+    assert result.returncode == 0, result.stderr
+    return keys / "edged.key"
+
+
+@pytest.fixture()
+def signed_archive(tmp_path, demo_bundles, signing_key) -> Path:
+    bundle = tmp_path / "b"
+    shutil.copytree(demo_bundles / "digits-onnx", bundle)
+    archive = tmp_path / "digits-onnx-1.0.0.tar.gz"
+    assert edged("bundle", "pack", str(bundle), "-o", str(archive)).returncode == 0
+    assert edged("bundle", "sign", str(archive), "--key", str(signing_key)).returncode == 0
+    return archive
+
+
 def test_sign_pack_verify_and_tamper(tmp_path, demo_bundles):
     keys = tmp_path / "keys"
     result = edged("keys", "generate", "--out-dir", str(keys), "--name", "fleet")
     assert result.returncode == 0, result.stderr
-    assert "trusted-keys" in result.stdout and (keys / "fleet.key").exists()
+    assert re.search(r"key id [0-9a-f]{16}", result.stdout)
+    assert "/etc/edged/trusted-keys/" in result.stdout and (keys / "fleet.key").exists()
     again = edged("keys", "generate", "--out-dir", str(keys), "--name", "fleet")
     assert again.returncode != 0 and "refusing to overwrite" in again.stderr
     bundle = tmp_path / "digits-onnx"
@@ -52,31 +98,65 @@ def test_sign_pack_verify_and_tamper(tmp_path, demo_bundles):
     trusted = tmp_path / "trusted"
     trusted.mkdir()
     shutil.copy(keys / "fleet.pub", trusted)
-    assert verify_bundle_signature(bundle, trusted_keys(trusted)) is not None
+    keyring = trusted_keys(trusted)
+    assert verify_bundle_signature(bundle, keyring) is not None
     assert edged("bundle", "verify", str(bundle)).returncode == 0
+
+    # Pack, then sign the archive in place: the signature inside verifies.
     archive = tmp_path / "digits.tar.gz"
     result = edged("bundle", "pack", str(bundle), "-o", str(archive))
-    assert result.returncode == 0 and archive.exists(), result.stderr
-    # Signing an archive in place works too, and a tampered bundle is refused.
+    assert result.returncode == 0 and archive.exists() and "unsigned" not in result.stderr, result.stderr
     assert edged("bundle", "sign", str(archive), "--key", str(keys / "fleet.key")).returncode == 0
+    assert read_archive_manifest(archive)[1] is not None and not list(tmp_path.glob(".*.tmp"))
+    with tempfile.TemporaryDirectory() as unpacked:
+        safe_extract(archive, Path(unpacked))
+        assert verify_bundle_signature(Path(unpacked), keyring).key_id == next(iter(keyring))
+
+    # Another key is unknown to these devices.
+    assert edged("keys", "generate", "--out-dir", str(keys), "--name", "other").returncode == 0
+    other = tmp_path / "other"
+    shutil.copytree(bundle, other)
+    assert edged("bundle", "sign", str(other), "--key", str(keys / "other.key")).returncode == 0
+    with pytest.raises(SignatureError, match="unknown key"):
+        verify_bundle_signature(other, keyring)
+
+    # Tampering: a file the manifest does not list, an edited manifest, edited bytes.
+    (bundle / "extra.py").write_text("import os")
+    with pytest.raises(SignatureError, match="extra.py"):
+        verify_bundle_signature(bundle, keyring)
+    (bundle / "extra.py").unlink()
+    manifest = bundle / "manifest.json"
+    original = manifest.read_bytes()
+    manifest.write_bytes(original.replace(b'"1.0.0"', b'"9.0.0"', 1))
+    with pytest.raises(SignatureError, match="signature .* does not match manifest.json"):
+        verify_bundle_signature(bundle, keyring)
+    manifest.write_bytes(original)
     model = bundle / "model.onnx"
     model.write_bytes(model.read_bytes()[:-1] + b"\0")
+    result = edged("bundle", "verify", str(bundle))
+    assert result.returncode != 0 and "model.onnx" in result.stderr
     result = edged("bundle", "sign", str(bundle), "--key", str(keys / "fleet.key"))
     assert result.returncode != 0 and "model.onnx" in result.stderr
 
 
-def test_publish_and_status(tmp_path, demo_bundles, mqtt_broker):
-    keys = tmp_path / "keys"
-    edged("keys", "generate", "--out-dir", str(keys))
+def test_pack_warns_when_unsigned(tmp_path, demo_bundles):
     bundle = tmp_path / "b"
     shutil.copytree(demo_bundles / "digits-onnx", bundle)
-    archive = tmp_path / "digits-onnx-1.0.0.tar.gz"
-    unsigned = edged("bundle", "pack", str(bundle), "-o", str(archive))
-    assert unsigned.returncode == 0
+    result = edged("bundle", "pack", str(bundle), "-o", str(tmp_path / "b.tar.gz"))
+    assert result.returncode == 0 and "unsigned" in result.stderr
+
+
+def test_publish_to_a_group(tmp_path, demo_bundles, signing_key, mqtt_broker):
+    bundle = tmp_path / "u"
+    shutil.copytree(demo_bundles / "digits-onnx", bundle)
+    unsigned = tmp_path / "unsigned.tar.gz"
+    assert edged("bundle", "pack", str(bundle), "-o", str(unsigned)).returncode == 0
     broker = f"127.0.0.1:{mqtt_broker.port}"
-    refused = edged("fleet", "publish", str(archive), "--group", "g1", "--url", "http://127.0.0.1:1/", "--broker", broker)
-    assert refused.returncode != 0 and "not signed" in refused.stderr
-    edged("bundle", "sign", str(archive), "--key", str(keys / "edged.key"))
+    refused = edged("fleet", "publish", str(unsigned), "--group", "g1", "--url", "http://127.0.0.1:1/", "--broker", broker)
+    assert refused.returncode != 0 and "not signed" in refused.stderr and "--allow-unsigned" in refused.stderr
+    archive = tmp_path / "digits-onnx-1.0.0.tar.gz"
+    shutil.copy(unsigned, archive)
+    assert edged("bundle", "sign", str(archive), "--key", str(signing_key)).returncode == 0
 
     client, got, event = _subscribe(mqtt_broker.port, "edged/fleet/g1/ota/+")
     try:
@@ -84,36 +164,103 @@ def test_publish_and_status(tmp_path, demo_bundles, mqtt_broker):
                        "--url", "http://127.0.0.1:8000/", "--broker", broker)
         assert result.returncode == 0, result.stderr
         assert event.wait(10)
-        message = got[-1]
-        assert message.topic == "edged/fleet/g1/ota/digits-onnx"
-        body = json.loads(message.payload)
-        assert body["version"] == "1.0.0" and body["url"] == "http://127.0.0.1:8000/digits-onnx-1.0.0.tar.gz"
-        assert body["size"] == archive.stat().st_size and len(body["sha256"]) == 64
-        assert body["signature"]["alg"] == "ed25519"
-        assert body["rollout"] == {"devices": ["a", "b"], "canary_percent": 50.0}
     finally:
         client.loop_stop()
         client.disconnect()
+    assert got[-1].topic == "edged/fleet/g1/ota/digits-onnx"
+    body = json.loads(got[-1].payload)
+    assert body["model"] == "digits-onnx" and body["version"] == "1.0.0"
+    assert body["url"] == "http://127.0.0.1:8000/digits-onnx-1.0.0.tar.gz"
+    assert body["size"] == archive.stat().st_size and len(body["sha256"]) == 64
+    assert body["signature"]["alg"] == "ed25519" and len(body["signature"]["key_id"]) == 16
+    assert body["rollout"] == {"devices": ["a", "b"], "canary_percent": 50.0}
+    assert body["allow_downgrade"] is False and body["published_at"] > 0
 
-    # A device's retained statuses, as a daemon publishes them.
-    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    pub.connect("127.0.0.1", mqtt_broker.port)
-    pub.loop_start()
-    pub.publish("edged/dev9/status", json.dumps({"state": "online", "device": "dev9", "groups": ["g1"],
-                                                  "models": [{"name": "digits", "version": "1.0.0"}]}), qos=1, retain=True).wait_for_publish(5)
-    pub.publish("edged/dev9/ota/status", json.dumps({"device": "dev9", "groups": ["g1"], "models": {
-        "digits": {"active": "1.0.0", "state": "downloading", "target": "2.0.0", "progress": {"bytes": 5, "total": 10}}}}),
-        qos=1, retain=True).wait_for_publish(5)
-    pub.loop_stop()
-    pub.disconnect()
+    # Retained: a device that connects later still gets it; --clear removes it.
+    later = _retained(mqtt_broker.port, "edged/fleet/g1/ota/+")
+    assert [m.topic for m in later] == ["edged/fleet/g1/ota/digits-onnx"]
+    result = edged("fleet", "publish", str(archive), "--group", "g1", "--clear", "--broker", broker)
+    assert result.returncode == 0 and "cleared edged/fleet/g1/ota/digits-onnx" in result.stdout, result.stderr
+    assert _retained(mqtt_broker.port, "edged/fleet/g1/ota/+") == []
+
+
+def test_publish_to_devices_and_refusals(signed_archive, mqtt_broker):
+    broker = f"127.0.0.1:{mqtt_broker.port}"
+    result = edged("fleet", "publish", str(signed_archive), "--devices", "d1,d2", "--allow-downgrade",
+                   "--url", "https://fleet.example/b.tar.gz", "--broker", broker, "--topic-prefix", "site")
+    assert result.returncode == 0, result.stderr
+    messages = {m.topic: json.loads(m.payload) for m in _retained(mqtt_broker.port, "site/+/ota/update/+")}
+    assert sorted(messages) == ["site/d1/ota/update/digits-onnx", "site/d2/ota/update/digits-onnx"]
+    body = messages["site/d1/ota/update/digits-onnx"]
+    assert body["url"] == "https://fleet.example/b.tar.gz" and body["allow_downgrade"] is True
+    assert body["rollout"] == {"devices": [], "canary_percent": 100.0}
+
+    config = signed_archive.parent / "edged.toml"
+    config.write_text(f'[mqtt]\nhost = "127.0.0.1"\nport = {mqtt_broker.port}\ntopic_prefix = "cfg"\n')
+    result = edged("fleet", "publish", str(signed_archive), "--devices", "d3", "--url", "http://h/", "--config", str(config))
+    assert result.returncode == 0 and "cfg/d3/ota/update/digits-onnx" in result.stdout, result.stderr
+    assert len(_retained(mqtt_broker.port, "cfg/d3/ota/update/+")) == 1
+
+    for args, words in [
+        ([], "--url is required"),
+        (["--url", "fleet:8000/x"], "http://"),
+        (["--url", "http://h/", "--canary", "120"], "between 0 and 100"),
+    ]:
+        result = edged("fleet", "publish", str(signed_archive), "--group", "g", *args, "--broker", broker)
+        assert result.returncode != 0 and words in result.stderr, (args, result.stderr)
+    result = edged("fleet", "publish", str(signed_archive), "--url", "http://h/", "--broker", broker)
+    assert result.returncode != 0 and "--group" in result.stderr
+    dead = f"127.0.0.1:{free_port()}"
+    result = edged("fleet", "publish", str(signed_archive), "--group", "g", "--url", "http://h/", "--broker", dead)
+    assert result.returncode != 0 and f"cannot reach the MQTT broker at {dead}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_status(mqtt_broker):
+    port = mqtt_broker.port
+    broker = f"127.0.0.1:{port}"
+    _publish_retained(port, {
+        "edged/dev9/status": {"state": "online", "device": "dev9", "groups": ["g1"], "version": "0.1", "uptime_s": 5,
+                              "models": [{"name": "digits", "version": "1.0.0", "state": "ready"}]},
+        "edged/dev9/ota/status": {"device": "dev9", "groups": ["g1"], "time": 1.0, "models": {
+            "digits": {"active": "1.0.0", "state": "downloading", "target": "2.0.0", "reason": "",
+                       "progress": {"bytes": 5, "total": 10}}}},
+        "edged/dev8/status": {"state": "offline", "device": "dev8", "groups": ["g1", "g2"],
+                              "models": [{"name": "digits", "version": "1.0.0", "state": "ready"}]},
+        "edged/dev7/ota/status": {"device": "dev7", "groups": ["g2"], "models": {
+            "digits": {"active": "1.0.0", "state": "refused", "target": "0.9.0", "reason": "downgrade"}}},
+    })
     result = edged("fleet", "status", "--group", "g1", "--json", "--wait", "1", "--broker", broker)
     assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)
-    assert [r["device"] for r in rows] == ["dev9"]
-    assert rows[0]["online"] == "online" and rows[0]["models"]["digits"]["state"] == "downloading"
+    rows = {r["device"]: r for r in json.loads(result.stdout)}
+    assert sorted(rows) == ["dev8", "dev9"]
+    assert rows["dev9"]["online"] == "online" and rows["dev9"]["groups"] == ["g1"]
+    assert rows["dev9"]["models"]["digits"] == {"active": "1.0.0", "state": "downloading", "target": "2.0.0",
+                                                "reason": "", "progress": {"bytes": 5, "total": 10}}
+    assert rows["dev8"]["online"] == "offline" and rows["dev8"]["models"]["digits"]["active"] == "1.0.0"
+    everyone = json.loads(edged("fleet", "status", "--json", "--wait", "1", "--broker", broker).stdout)
+    assert {"dev7", "dev8", "dev9"} <= {r["device"] for r in everyone}
+    assert json.loads(edged("fleet", "status", "--group", "other", "--json", "--wait", "0.5", "--broker", broker).stdout) == []
+    table = edged("fleet", "status", "--group", "g2", "--wait", "1", "--broker", broker)
+    assert table.returncode == 0 and "dev7" in table.stdout and "refused" in table.stdout and "downgrade" in table.stdout
     table = edged("fleet", "status", "--group", "g1", "--wait", "1", "--broker", broker)
     assert "dev9" in table.stdout and "downloading" in table.stdout and "50%" in table.stdout
-    assert json.loads(edged("fleet", "status", "--group", "other", "--json", "--wait", "0.5", "--broker", broker).stdout) == []
-    result = edged("fleet", "publish", str(archive), "--group", "g1", "--url", "x", "--clear", "--broker", broker)
-    assert result.returncode == 0 and "cleared" in result.stdout
-    time.sleep(0.2)
+    dead = edged("fleet", "status", "--wait", "0", "--broker", f"127.0.0.1:{free_port()}")
+    assert dead.returncode != 0 and "cannot reach the MQTT broker" in dead.stderr
+
+
+def test_status_watch_is_live(mqtt_broker):
+    port = mqtt_broker.port
+    proc = subprocess.Popen([sys.executable, "-m", "edged.cli", "fleet", "status", "--group", "live", "--watch",
+                             "--wait", "0.2", "--broker", f"127.0.0.1:{port}"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "200"})
+    try:
+        time.sleep(1.5)
+        _publish_retained(port, {"edged/devL/ota/status": {"device": "devL", "groups": ["live"], "models": {
+            "digits": {"active": "2.0.0", "state": "active"}}}})
+        time.sleep(1.5)
+    finally:
+        proc.send_signal(2)  # Ctrl-C
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert b"devL" in out
