@@ -180,8 +180,9 @@ def verify_bundle_signature(
     """Check the bundle's manifest signature (or the given one) against trusted keys.
 
     Also refuses files that the manifest does not list (a signed manifest only
-    vouches for listed files). Returns the signature checked, None when unsigned
-    and allowed."""
+    vouches for listed files). It does NOT hash the listed files: call
+    ``edged.bundle.open_bundle`` (which does) as well, as the OTA updater does.
+    Returns the signature checked, None when unsigned and allowed."""
     manifest_bytes = (root / MANIFEST).read_bytes()
     manifest = Manifest.from_dict(json.loads(manifest_bytes), source=str(root / MANIFEST))
     listed = set(manifest.files) | {MANIFEST, SIGNATURE_FILE}

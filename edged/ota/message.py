@@ -114,7 +114,8 @@ class OtaMessage:
                 signature = Signature.from_dict(data["signature"], "OTA message signature")
             except SignatureError as exc:
                 raise UpdateRefused(str(exc)) from None
-        raw_rollout = data.get("rollout") or {}
+        raw_rollout = data.get("rollout")
+        raw_rollout = {} if raw_rollout is None else raw_rollout
         if not isinstance(raw_rollout, dict):
             raise UpdateRefused("OTA message: rollout must be an object")
         try:
@@ -130,9 +131,12 @@ class OtaMessage:
             published_at = float(data.get("published_at") or 0.0)
         except (TypeError, ValueError):
             raise UpdateRefused("OTA message: published_at must be a number") from None
+        allow_downgrade = data.get("allow_downgrade", False)
+        if not isinstance(allow_downgrade, bool):
+            raise UpdateRefused("OTA message: allow_downgrade must be true or false")
         return cls(
             model=model, version=version, url=url, sha256=sha256, size=size, signature=signature,
-            rollout=rollout, allow_downgrade=bool(data.get("allow_downgrade", False)), published_at=published_at,
+            rollout=rollout, allow_downgrade=allow_downgrade, published_at=published_at,
         )
 
     def targets(self, device: str) -> bool:

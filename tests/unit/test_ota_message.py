@@ -57,6 +57,8 @@ def test_round_trip_with_signature():
     ({"rollout": {"canary_percent": 150}}, "0-100"),
     ({"rollout": {"canary_percent": "lots"}}, "number"),
     ({"rollout": ["a"]}, "object"),
+    ({"rollout": []}, "object"),
+    ({"allow_downgrade": "false"}, "true or false"),
     ({"published_at": "noon"}, "published_at"),
     ({"signature": {"alg": "rsa", "key_id": "k", "signature": ""}}, "not supported"),
     ({"signature": {"key_id": "k", "signature": "!!"}}, "base64"),
