@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# `make test-vm`: edged as a systemd service on a real (virtual) Debian 12 machine.
+# Boots build/vm/base.img (tests/vm/build_image.sh) under qemu/KVM on a throw-away qcow2
+# overlay, installs the edged wheel from local wheels, runs `edged install`, then checks:
+# active + HTTP inference through a 127.0.0.1 port forward, watchdog restart after
+# SIGSTOP, restart after SIGKILL, and that the service comes back after a reboot.
+# EDGED_VM_KEEP=1 leaves the VM running at the end.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+VM=build/vm
+PY=${PY:-.venv/bin/python}
+BUNDLE=${EDGED_VM_BUNDLE:-digits-onnx}
+EXTRAS=${EDGED_VM_EXTRAS:-onnx}
+T0=$(date +%s)
+step_t=$T0
+say() { local now; now=$(date +%s); printf '[vm %4ds +%3ds] %s\n' $((now - T0)) $((now - step_t)) "$*"; step_t=$now; }
+fail() { echo "FAIL: $*" >&2; echo "--- console tail" >&2; tail -n 30 "$VM/console.log" >&2 || true; exit 1; }
+
+tests/vm/build_image.sh
+say "image ready"
+
+# Wheels: the project wheel plus everything `edged[$EXTRAS]` needs, for the guest's
+# CPython 3.11 on manylinux x86_64. Downloaded on the host; the guest has no network use.
+rm -f build/dist/edged-*.whl
+"$PY" -m pip wheel -q --no-deps -w build/dist . >/dev/null 2>&1 || "$PY" -m pip wheel --no-deps -w build/dist .
+WHEEL=$(ls build/dist/edged-*.whl)
+mkdir -p "$VM/wheels"; rm -f "$VM"/wheels/edged-*.whl
+"$PY" -m pip download -q -d "$VM/wheels" --only-binary=:all: --python-version 3.11 \
+  --implementation cp --abi cp311 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform any "$WHEEL[$EXTRAS]" 2>&1 | grep -v '^WARNING: Location' || true
+[[ -d build/demo-bundles/$BUNDLE ]] || fail "build/demo-bundles/$BUNDLE missing: run make demo"
+say "wheels ready ($(ls "$VM/wheels" | wc -l) files)"
+
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+SSH_PORT=$(free_port); HTTP_PORT=$(free_port)
+KEY=$VM/id_ed25519
+SSH=(ssh -q -i "$KEY" -p "$SSH_PORT" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null
+     -o LogLevel=ERROR -o ConnectTimeout=5 -o BatchMode=yes -o ServerAliveInterval=5 -o ServerAliveCountMax=3 root@127.0.0.1)
+# qemu's user-mode net accepts the TCP connection even while the guest is down, so an
+# ssh can hang in the handshake: every guest command gets a hard time limit.
+g() { timeout "${G_TIMEOUT:-120}" "${SSH[@]}" "$@"; }
+
+rm -f "$VM/run.qcow2" "$VM/console.log"
+qemu-img create -q -f qcow2 -b base.img -F raw "$VM/run.qcow2"
+# KVM when /dev/kvm exists and actually runs a guest: some nested setups expose /dev/kvm
+# but the kernel never gets past the real-mode setup. A 10s probe decides; else TCG.
+ACCEL=(-machine accel=tcg -cpu max)
+if [[ -w /dev/kvm && ${EDGED_VM_ACCEL:-auto} != tcg ]]; then
+  if timeout 10 qemu-system-x86_64 -enable-kvm -cpu host -m 256 -display none -no-reboot \
+       -kernel "$VM/vmlinuz" -append "console=ttyS0 panic=-1" -serial stdio 2>/dev/null | grep -q -m1 'Linux version'; then
+    ACCEL=(-enable-kvm -cpu host)
+  else
+    echo "/dev/kvm exists but a KVM guest does not boot here (nested virtualisation?): using TCG" >&2
+  fi
+fi
+qemu-system-x86_64 "${ACCEL[@]}" -m 2048 -smp 2 -display none \
+  -kernel "$VM/vmlinuz" -initrd "$VM/initrd.img" -append "root=/dev/vda rw console=ttyS0 net.ifnames=0" \
+  -drive file="$VM/run.qcow2",if=virtio,format=qcow2 \
+  -netdev user,id=n0,hostfwd=tcp:127.0.0.1:"$SSH_PORT"-:22,hostfwd=tcp:127.0.0.1:"$HTTP_PORT"-:8080 \
+  -device virtio-net-pci,netdev=n0 -serial file:"$VM/console.log" -pidfile "$VM/qemu.pid" -daemonize
+cleanup() {
+  if [[ ${EDGED_VM_KEEP:-0} == 1 ]]; then echo "VM left running: ssh -i $KEY -p $SSH_PORT root@127.0.0.1; http://127.0.0.1:$HTTP_PORT"; return; fi
+  [[ -f $VM/qemu.pid ]] && kill "$(cat "$VM/qemu.pid")" 2>/dev/null || true
+}
+trap cleanup EXIT
+say "qemu started (${ACCEL[*]}), ssh 127.0.0.1:$SSH_PORT, http 127.0.0.1:$HTTP_PORT"
+
+wait_ssh() { local end=$(( $(date +%s) + ${1:-300} )); while (( $(date +%s) < end )); do G_TIMEOUT=15 g true 2>/dev/null && return 0; sleep 2; done; fail "no ssh"; }
+wait_ssh
+say "guest booted, ssh answers"
+
+tar -C build -cf - dist/"$(basename "$WHEEL")" vm/wheels demo-bundles/"$BUNDLE" | g 'rm -rf /root/edged && mkdir -p /root/edged && tar -C /root/edged -xf -'
+g "set -e
+python3 -m venv /opt/edged/venv
+/opt/edged/venv/bin/pip install -q --no-index --find-links /root/edged/vm/wheels '/root/edged/dist/$(basename "$WHEEL")[$EXTRAS]'
+mkdir -p /var/lib/edged/models && cp -r /root/edged/demo-bundles/$BUNDLE /var/lib/edged/models/
+cat > /root/edged.toml <<'TOML'
+# 0.0.0.0 inside the VM: qemu's user-mode hostfwd connects to the guest's NIC address.
+models_dir = \"/var/lib/edged/models\"
+state_dir = \"/var/lib/edged\"
+load = [\"*\"]
+[http]
+host = \"0.0.0.0\"
+port = 8080
+TOML"
+say "venv + wheels installed in the guest"
+g "/opt/edged/venv/bin/edged install --venv /opt/edged/venv --config /root/edged.toml" || { g 'journalctl -u edged --no-pager | tail -40' || true; fail "edged install"; }
+say "edged install: done"
+[[ $(g systemctl is-active edged) == active ]] || fail "edged not active"
+[[ $(g systemctl is-enabled edged) == enabled ]] || fail "edged not enabled"
+echo "second install (must change nothing):"
+g "/opt/edged/venv/bin/edged install --venv /opt/edged/venv --config /root/edged.toml" | tee /tmp/edged-vm-install2.log
+grep -q 'nothing to do' /tmp/edged-vm-install2.log || fail "second edged install changed something"
+
+BODY=$("$PY" -c 'import json; print(json.dumps({"inputs":[{"name":"input","shape":[1,1,8,8],"datatype":"FP32","data":[0.0]*64}]}))')
+infer() {
+  local out; out=$(curl -sf --max-time 10 -H 'Content-Type: application/json' -d "$BODY" "http://127.0.0.1:$HTTP_PORT/v2/models/$BUNDLE/infer") || return 1
+  "$PY" -c 'import json,sys; d=json.loads(sys.argv[1]); o=d["outputs"][0]; assert o["shape"]==[1,10], o; print("infer ok:", o["name"], o["shape"])' "$out"
+}
+ready() { curl -sf --max-time 3 -o /dev/null "http://127.0.0.1:$HTTP_PORT/v2/health/ready"; }
+infer || fail "inference through 127.0.0.1:$HTTP_PORT"
+say "HTTP inference from the host works"
+
+mainpid() { g systemctl show -p MainPID --value edged; }
+# wait until edged has a MainPID other than $1, is active, and answers HTTP
+wait_new_pid() {
+  local old=$1 pid
+  for _ in $(seq 1 120); do
+    pid=$(mainpid 2>/dev/null || echo 0)
+    if [[ $pid != 0 && $pid != "$old" && $(g systemctl is-active edged 2>/dev/null) == active ]] && ready; then echo "$pid"; return 0; fi
+    sleep 1
+  done
+  g 'systemctl status --no-pager edged; journalctl -u edged --no-pager | tail -30' >&2 || true
+  fail "edged did not come back (old MainPID $old)"
+}
+
+g "mkdir -p /etc/systemd/system/edged.service.d && printf '[Service]\nWatchdogSec=5\nTimeoutAbortSec=5\n' > /etc/systemd/system/edged.service.d/test-watchdog.conf && systemctl daemon-reload && systemctl restart edged"
+ready || fail "not ready after restart with WatchdogSec=5"
+P1=$(mainpid); NR0=$(g systemctl show -p NRestarts --value edged)
+say "drop-in WatchdogSec=5 active, MainPID $P1"
+sleep 8   # a few watchdog periods: the pings keep it alive
+[[ $(mainpid) == "$P1" ]] || fail "edged restarted although it was healthy"
+g "kill -STOP $P1"
+P2=$(wait_new_pid "$P1")
+g "journalctl -u edged --no-pager | grep -i 'watchdog timeout'" | tail -1 || fail "no watchdog timeout in the journal"
+infer
+say "SIGSTOP $P1 -> watchdog restart, new MainPID $P2"
+g "kill -9 $P2"
+P3=$(wait_new_pid "$P2")
+infer
+NR=$(g systemctl show -p NRestarts --value edged)
+say "SIGKILL $P2 -> restarted, new MainPID $P3 (NRestarts $NR0 -> $NR)"
+
+G_TIMEOUT=10 g "systemctl reboot" || true
+for _ in $(seq 1 60); do G_TIMEOUT=5 g true 2>/dev/null || break; sleep 1; done
+wait_ssh
+for _ in $(seq 1 120); do ready && break; sleep 1; done
+[[ $(g systemctl is-active edged) == active ]] || fail "edged not active after reboot"
+infer || fail "inference after reboot"
+say "reboot: edged active and answering again"
+if [[ ${EDGED_VM_ANSIBLE:-1} == 1 ]]; then source tests/vm/ansible_vm.sh; fi
+echo "VM TEST PASSED in $(( $(date +%s) - T0 ))s"
