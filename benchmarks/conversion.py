@@ -207,6 +207,64 @@ def run_real(console) -> list[dict]:
     return out
 
 
+def run_keras(console) -> dict | None:
+    """The Keras CNN demo -> TFLite int8 with TensorFlow's converter, against an fp32
+    .tflite of the same model on the same runtime (ai-edge-litert, 1 thread)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None:
+        return {"left_out": "TensorFlow is not installed (pip install 'edged[convert-tf]')"}
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edged.bundle import open_bundle
+    from edged.cli_convert import convert_one, inspect_source
+    from edged.profiles import get_profile
+
+    demo = REPO / "build" / "demo-keras"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "build_keras_demo.py"), "--out", str(demo)],
+                   check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with np.load(demo / "digits_test.npz") as data:
+        x, y = data["x"].astype(np.float32), data["y"]
+    with np.load(demo / "digits_calib.npz") as data:
+        calib = data["x"].astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = inspect_source(demo / "digits_cnn.keras", None, Path(tmp))
+        result = convert_one(src, get_profile("rpi4"), calib, holdout_x=x, holdout_y=y, out_dir=Path(tmp) / "out",
+                             bundle_name="digits-cnn", version="1.0.0", max_drop=100.0,
+                             calib_note="digits train split, 200", console=console, runs=20)
+        report = result["report"]
+        int8_path = Path(result["bundle"]) / "model.tflite"
+        flat = tf.lite.TFLiteConverter.from_keras_model(tf.keras.models.load_model(demo / "digits_cnn.keras")).convert()
+        fp32_path = Path(tmp) / "fp32.tflite"
+        fp32_path.write_bytes(flat)
+
+        def bare_loop(path: Path, data: np.ndarray) -> dict[str, float]:
+            """The same bare interpreter loop for both models: set, invoke, get."""
+            interp = Interpreter(model_path=str(path), num_threads=1)
+            interp.allocate_tensors()
+            inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+
+            def call(b: np.ndarray) -> np.ndarray:
+                interp.set_tensor(inp["index"], b)
+                interp.invoke()
+                return interp.get_tensor(out["index"])
+
+            return _lat(call, data)
+
+        spec = next(iter(open_bundle(result["bundle"]).manifest.inputs))
+        int8 = bare_loop(int8_path, spec.quantization.quantize(x, np.dtype(spec.dtype)))
+        fp32 = bare_loop(fp32_path, x)
+        int8_size = int8_path.stat().st_size
+    return {
+        "model": "Keras CNN on digits (conv 16-32, pool, conv 64, GAP, dense 64-10), NHWC 8x8x1",
+        "conversion_s": report["conversion_seconds"], "size_fp32_bytes": len(flat), "size_int8_bytes": int8_size,
+        "int8_latency_ms": int8, "fp32_latency_ms": fp32, "latency_ratio_p50": round(int8["p50"] / fp32["p50"], 3),
+        "accuracy_fp32": report["accuracy_source"], "accuracy_int8": report["accuracy_converted"],
+        "accuracy_drop_points": report["accuracy_drop_points"], "top1_agreement": report["top1_agreement"],
+    }
+
+
 def run() -> dict:
     from rich.console import Console
 
@@ -249,7 +307,7 @@ def run() -> dict:
                 "accuracy_drop_points": report["accuracy_drop_points"], "top1_agreement": report["top1_agreement"],
             })
     return {"model": "demo digits MLP 64-64-10 (build/demo-data/digits_fp32.onnx)", "samples": int(len(x)),
-            "runs": RUNS, "targets": rows, "real_models": run_real(console), "note": NOTE}
+            "runs": RUNS, "targets": rows, "keras": run_keras(console), "real_models": run_real(console), "note": NOTE}
 
 
 def markdown(results: dict) -> str:
@@ -272,9 +330,30 @@ def markdown(results: dict) -> str:
         )
     lines += ["", "The demo model is tiny (19 KiB): int8 latency here is dominated by per-call overhead, "
               "not arithmetic, so the ratios say little about larger models.", ""]
+    lines += _keras_markdown(results.get("keras"))
     lines += _real_markdown(results.get("real_models") or [])
     lines += [f"Note: {results['note']}", ""]
     return "\n".join(lines)
+
+
+def _keras_markdown(k: dict | None) -> list[str]:
+    if not k:
+        return []
+    if "left_out" in k:
+        return [f"Keras → TFLite: left out, {k['left_out']}.", ""]
+    return [
+        "### Keras CNN → TFLite int8 (TensorFlow's converter, profile rpi4)", "",
+        f"{k['model']}. fp32 reference: the same Keras model converted to a float .tflite, run on the same runtime "
+        "(ai-edge-litert, XNNPACK, 1 thread); both timed with the same bare set-invoke-get loop, int8 with int8 tensors.", "",
+        "| convert s | size fp32 → int8 | int8 p50 / p99 ms | fp32 p50 / p99 ms | int8/fp32 p50 | accuracy fp32 → int8 (drop) |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {k['conversion_s']:.2f} | {k['size_fp32_bytes'] / 1024:.1f} → {k['size_int8_bytes'] / 1024:.1f} KiB "
+        f"({k['size_int8_bytes'] / k['size_fp32_bytes']:.2f}x) | {k['int8_latency_ms']['p50']:.4f} / "
+        f"{k['int8_latency_ms']['p99']:.4f} | {k['fp32_latency_ms']['p50']:.4f} / {k['fp32_latency_ms']['p99']:.4f} | "
+        f"{k['latency_ratio_p50']:.2f} | {100 * k['accuracy_fp32']:.2f}% → {100 * k['accuracy_int8']:.2f}% "
+        f"({k['accuracy_drop_points']:.2f} pt) |",
+        "",
+    ]
 
 
 def _real_markdown(models: list[dict]) -> list[str]:

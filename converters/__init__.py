@@ -1,10 +1,13 @@
-"""Model converters: a float32 ONNX model -> an edged bundle per target.
+"""Model converters: a float32 ONNX (or Keras/SavedModel) model -> an edged bundle per target.
 
 Each target is one module behind the ``converters.base.Converter`` protocol:
 
 * ``onnx_qdq.OnnxQDQConverter``      ONNX int8 QDQ (or fp32/fp16)   edged[convert-onnx]
 * ``openvino_ir.OpenVinoConverter``  OpenVINO IR fp16 or int8        edged[convert-openvino]
 * ``tflite_int8.TFLiteInt8Converter`` full-integer int8 .tflite     edged[convert-tflite]
+  (TensorFlow-free writer, MLP subset of ONNX)
+* ``tflite_keras.KerasTFLiteConverter`` Keras / SavedModel -> full-integer int8 .tflite
+  with TensorFlow's TFLiteConverter                                 edged[convert-tf]
 
 Modules import their libraries lazily; a missing one raises
 ``ConverterUnavailable`` naming the extra.

@@ -82,6 +82,21 @@ class Source:
     original: Path
     input: ModelInput
     opset: int
+    kind: str = "onnx"  # or "tf": a Keras model or SavedModel (TFLite only)
+    tf: Any = None  # converters.tflite_keras.TFSource for kind "tf"
+
+    def describe(self) -> str:
+        what = f"opset {self.opset}" if self.kind == "onnx" else "Keras/TensorFlow"
+        return f"input {self.input.name!r} {list(self.input.shape)} float32, {what}"
+
+    def runner(self) -> tuple[Any, str]:
+        """(x -> first output of the float source model, that output's name)."""
+        if self.kind == "tf":
+            name = self.tf.output_names[0]
+            return (lambda x: self.tf.run(x)[name]), name
+        session = source_session(self.path)
+        in_name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+        return (lambda x: session.run([out_name], {in_name: x})[0]), out_name
 
 
 # ---------------------------------------------------------------- the source
@@ -92,8 +107,12 @@ def inspect_source(path: Path, input_shape: str | None, workdir: Path) -> Source
     write a copy whose non-batch input dims are fixed."""
     from converters.base import ConversionError, UnsupportedOp, load_onnx, require
 
-    onnx = require("onnx", "convert-onnx", "reading ONNX models")
+    from converters.tflite_keras import is_tf_source
+
     path = Path(path)
+    if is_tf_source(path):
+        return inspect_tf_source(path, input_shape)
+    onnx = require("onnx", "convert-onnx", "reading ONNX models")
     if not path.is_file():
         raise BadInput(f"{path}: no such model file")
     try:
@@ -161,6 +180,20 @@ def inspect_source(path: Path, input_shape: str | None, workdir: Path) -> Source
         onnx.save(model, str(fixed_path))
         return Source(fixed_path, path, ModelInput(vi.name, (-1, *fixed[1:]), "float32"), opset)
     return Source(path, path, ModelInput(vi.name, shape, "float32"), opset)
+
+
+def inspect_tf_source(path: Path, input_shape: str | None) -> Source:
+    """A Keras model (.keras/.h5) or SavedModel directory: TFLite int8 only."""
+    from converters.base import ConversionError
+    from converters.tflite_keras import load_tf_source
+
+    if input_shape:
+        raise BadInput("--input-shape applies to ONNX sources; give a Keras/SavedModel source a static input shape")
+    try:
+        tf_source = load_tf_source(path)
+    except ConversionError as exc:
+        raise BadInput(str(exc)) from None
+    return Source(path, path, ModelInput(tf_source.input_name, tf_source.input_shape, "float32"), 0, "tf", tf_source)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -319,10 +352,8 @@ def build_report(bundle_root: Path, source: Source, x: np.ndarray, y: np.ndarray
     from edged.runtimes import RuntimeOptions
 
     bundle = open_bundle(bundle_root)
-    session = source_session(source.path)
-    in_name = session.get_inputs()[0].name
-    first_out = session.get_outputs()[0].name
-    ref = session.run([first_out], {in_name: x})[0]
+    run_source, first_out = source.runner()
+    ref = run_source(x)
     model = LoadedModel.load(bundle, RuntimeOptions(threads=1), warmup=0)
     try:
         conv_in = bundle.manifest.inputs[0].name
@@ -331,7 +362,7 @@ def build_report(bundle_root: Path, source: Source, x: np.ndarray, y: np.ndarray
         conv_latency = _latency_ms(lambda b: model.infer({conv_in: b}), x, runs)
     finally:
         model.unload()
-    src_latency = _latency_ms(lambda b: session.run([first_out], {in_name: b}), x, runs)
+    src_latency = _latency_ms(run_source, x, runs)
     err = np.abs(got - ref.astype(np.float64))
     ref_top, conv_top = _top1(ref), _top1(got)
     report: dict[str, Any] = {
@@ -343,7 +374,8 @@ def build_report(bundle_root: Path, source: Source, x: np.ndarray, y: np.ndarray
         "mean_abs_error": float(err.mean()),
         "latency_ms": {"source": src_latency, "converted": conv_latency},
         "latency_setup": f"batch 1, 1 thread, {runs} runs each after {LATENCY_WARMUP} warm-up, this machine; "
-                         "source on onnxruntime CPU, converted through edged's runtime "
+                         f"source on {'onnxruntime CPU' if source.kind == 'onnx' else 'TensorFlow (eager Keras call)'}, "
+                         "converted through edged's runtime "
                          f"({bundle.manifest.runtime}) incl. input/output (de)quantization",
         "size_bytes": {
             "source": source.original.stat().st_size,
@@ -384,6 +416,9 @@ def plan_for(profile: Any, source: Source) -> Plan:
 
     runtime, precision = profile.output, profile.precision
     plan = Plan(runtime, precision, provenance={"profile": profile.name, "profile_precision": precision})
+    if source.kind == "tf" and runtime != "tflite":
+        raise Skipped(f"Keras/SavedModel sources become TFLite only; profile {profile.name} wants {runtime} "
+                      "(export the model to ONNX for that target)")
     backend = BACKENDS[runtime]
     if backend.library() is None:
         raise Skipped(f"runtime {runtime} is not installed here: pip install 'edged[{backend.extra}]'")
@@ -394,6 +429,8 @@ def plan_for(profile: Any, source: Source) -> Plan:
             require("openvino", "convert-openvino", "the OpenVINO converter")
             if precision == "int8":
                 require("nncf", "convert-openvino", "OpenVINO int8 quantization")
+        elif runtime == "tflite" and source.kind == "tf":
+            require("tensorflow", "convert-tf", "Keras/SavedModel to TFLite conversion")
         elif runtime == "tflite":
             require("ai_edge_litert", "convert-tflite", "the TFLite writer")
             require("flatbuffers", "convert-tflite", "the TFLite writer")
@@ -420,9 +457,13 @@ def plan_for(profile: Any, source: Source) -> Plan:
     return plan
 
 
-def make_converter(plan: Plan, profile: Any) -> Any:
+def make_converter(plan: Plan, profile: Any, source: Source) -> Any:
     from converters import get_converter
 
+    if source.kind == "tf":
+        from converters.tflite_keras import KerasTFLiteConverter
+
+        return KerasTFLiteConverter()
     if plan.runtime == "tflite":
         per_channel = bool(profile.runtime_options("onnx").get("per_channel", True))
         return get_converter("tflite", per_channel=per_channel)
@@ -444,7 +485,7 @@ def convert_one(
     plan = plan_for(profile, source)
     for note in plan.notes:
         console.print(f"[yellow]note[/]: {profile.name}: {escape(note)}", highlight=False)
-    converter = make_converter(plan, profile)
+    converter = make_converter(plan, profile, source)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{bundle_name}-staging-", dir=out_dir))
     try:
@@ -527,7 +568,7 @@ def report_table(report: dict[str, Any], title: str) -> Any:
 
 
 def convert(
-    source: Path = typer.Argument(..., help="float32 ONNX model to convert."),
+    source: Path = typer.Argument(..., help="float32 ONNX model, Keras model (.keras/.h5) or TF SavedModel directory."),
     profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Hardware profile (hw-profiles/*.toml), e.g. rpi4."),
     all_profiles: bool = typer.Option(False, "--all-profiles", help="One bundle per shipped profile, named {name}-{profile}."),
     out: Path = typer.Option(Path("bundles"), "--out", "-o", help="Directory the bundle(s) are written into."),
@@ -546,7 +587,11 @@ def convert(
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Fix dynamic non-batch dims, e.g. 1,3,224,224 (the batch stays dynamic)."),
     latency_runs: int = typer.Option(LATENCY_RUNS, "--latency-runs", min=1, help="Batch-1 runs per model for the latency figures."),
 ) -> None:
-    """Convert a float32 ONNX model into a quantized, validated bundle for a hardware profile."""
+    """Convert a float32 model into a quantized, validated bundle for a hardware profile.
+
+    ONNX sources become ONNX int8 QDQ, OpenVINO IR or (MLPs) TFLite int8; Keras/SavedModel
+    sources become full-integer TFLite int8 with TensorFlow's converter (pip install 'edged[convert-tf]').
+    """
     from rich.console import Console
     from rich.markup import escape
 
@@ -572,7 +617,7 @@ def convert(
         try:
             with err.status("reading the source model..."):
                 src = inspect_source(source, input_shape, work)
-            err.print(f"[green]✓[/] source {source.name}: input {src.input.name!r} {list(src.input.shape)} float32, opset {src.opset}")
+            err.print(f"[green]✓[/] source {source.name}: {src.describe()}")
             with err.status("loading calibration data..."):
                 holdout_x = holdout_y = None
                 if holdout:
