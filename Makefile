@@ -7,12 +7,14 @@ PIP := $(VENV)/bin/pip
 DEMO := build/demo-bundles
 PYTEST_ARGS ?=
 
-.PHONY: help venv install install-test system-deps demo run test test-unit bench clean
+.PHONY: help venv install install-test system-deps demo run test test-unit test-vm test-arm64 bench clean
 
 help:
 	@echo "make run     set up .venv, build the demo bundles, serve them on 127.0.0.1:8080"
 	@echo "make test    install test dependencies (apt + pip) and run pytest"
 	@echo "make bench   run benchmarks and write BENCHMARKS.md"
+	@echo "make test-vm     boot a Debian 12 VM: edged as a systemd service, watchdog, reboot, Ansible (root, minutes)"
+	@echo "make test-arm64  arm64 chroot under qemu-user: aarch64 wheels, doctor, inference (root, minutes)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +60,16 @@ test: system-deps install-test
 
 test-unit: install-test
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# Not part of `make test`: boots a Debian 12 VM (qemu/KVM, needs root for debootstrap;
+# the image is cached in build/vm/), installs edged as a systemd service and kills it.
+test-vm: demo
+	PY=$(PY) tests/vm/test_vm.sh
+
+# Not part of `make test`: an arm64 Debian 12 chroot under qemu-user-static (binfmt_misc, needs
+# root; cached in build/arm64/) installs edged[tflite,onnx] from aarch64 wheels and serves the demo.
+test-arm64: demo
+	PY=$(PY) tests/arm64/test_arm64.sh
 
 bench: system-deps install-test
 	$(PY) -m benchmarks.run

@@ -212,14 +212,15 @@ def profiles_show(name: str = typer.Argument(..., help="Profile name, e.g. rpi4.
     typer.echo(profile.path.read_text(), nl=False)
 
 
-def _cpu_flags() -> list[str]:
+def _cpu_flags() -> tuple[str, list[str]]:
+    """("flags" on x86 / "Features" on Arm, the CPU's feature flags) from /proc/cpuinfo."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                return line.split(":", 1)[1].split()
+                return line.split(":", 1)[0].strip(), line.split(":", 1)[1].split()
     except OSError:
         pass
-    return []
+    return "", []
 
 
 @app.command()
@@ -227,10 +228,17 @@ def doctor() -> None:
     """Show this machine's CPU, the runtimes that are importable, and the matching hw-profile."""
     from edged.runtimes import BACKENDS, runtime_versions
 
-    flags = set(_cpu_flags())
+    kind, found = _cpu_flags()
+    flags = set(found)
+    arch = platform.machine()
+    x86 = arch.lower() in ("x86_64", "amd64", "i686", "i386")
     interesting = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "neon", "asimd", "asimddp", "fp16", "i8mm") if f in flags]
     typer.echo(f"edged {__version__}, Python {platform.python_version()}")
-    typer.echo(f"cpu: {platform.machine()}, {len(flags)} flags; relevant: {', '.join(interesting) or 'none'}")
+    if kind and (kind == "flags") != x86:
+        # e.g. an arm64 userland under qemu-user on an x86 host: /proc/cpuinfo is the host's
+        typer.echo(f"cpu: {arch} (emulated? /proc/cpuinfo describes a different architecture; CPU features unknown)")
+    else:
+        typer.echo(f"cpu: {arch}, {len(flags)} flags; relevant: {', '.join(interesting) or 'none'}")
     typer.echo("runtimes:")
     for name, ver in runtime_versions().items():
         if ver:
