@@ -72,6 +72,9 @@ class Daemon:
         summary = f"ready: {len(ready)} model version(s) serving on http://{self.config.http.host}:{self.http.port}"
         if failed:
             summary += "; not ready: " + ", ".join(f"{e.name} {e.version} ({e.reason})" for e in failed)
+        broken = self.registry.broken()
+        if broken:
+            summary += "; unusable bundles: " + ", ".join(f"{path} ({why})" for path, why in sorted(broken.items()))
         self.status(summary)
         for listener in self.ready_listeners:
             listener()

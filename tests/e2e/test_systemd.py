@@ -116,6 +116,30 @@ def test_notify_ready_status_watchdog_reload_stopping(tmp_path, kind):
         listener.close()
 
 
+def test_corrupt_model_starts_not_ready_and_status_says_why(tmp_path):
+    write_tiny_bundle(tmp_path / "models" / "good")
+    bad = write_tiny_bundle(tmp_path / "models" / "bad", name="bad")
+    model_file = bad.root / bad.manifest.model_file
+    model_file.write_bytes(model_file.read_bytes()[:-3] + b"xyz")  # the hash no longer matches
+    (tmp_path / "models" / "junk").mkdir()
+    (tmp_path / "models" / "junk" / "manifest.json").write_text("{not json")
+    listener = NotifyListener(str(tmp_path / "notify.sock"))
+    try:
+        daemon = start_daemon(tmp_path / "d", tmp_path / "models", wait=False, env={"NOTIFY_SOCKET": listener.path})
+        deadline = time.monotonic() + 60
+        while not listener.lines("READY=1") and time.monotonic() < deadline and daemon.alive():
+            time.sleep(0.05)
+        assert listener.lines("READY=1"), (listener.messages, daemon.logs())
+        status = [m for m in listener.lines("STATUS=") if m.startswith("STATUS=ready")][-1]
+        assert "not ready: bad 1.0.0" in status and "sha256" in status, status
+        assert "unusable bundles" in status and "junk" in status and "not valid JSON" in status, status
+        assert daemon.get("/v2/models/bad/ready")[0] == 503
+        assert daemon.get("/v2/models/tiny/ready")[0] == 200
+        daemon.stop()
+    finally:
+        listener.close()
+
+
 def test_bad_config_never_sends_ready(tmp_path):
     listener = NotifyListener(str(tmp_path / "notify.sock"))
     config = tmp_path / "edged.toml"
