@@ -50,6 +50,11 @@ class TFLiteRuntime:
         self.outputs: list[TensorSpec] = []
         self._interpreter: Any = None
         self._lock = threading.Lock()
+        # (name, index) of inputs and outputs and each input's current shape, read once:
+        # get_input_details() builds fresh dicts and costs microseconds per call.
+        self._in: list[tuple[str, int]] = []
+        self._out: list[tuple[str, int]] = []
+        self._shapes: dict[int, tuple[int, ...]] = {}
 
     def load(self, model_path: str, options: RuntimeOptions) -> None:
         interpreter_cls = _interpreter_class()
@@ -61,26 +66,29 @@ class TFLiteRuntime:
         self._interpreter = interpreter
         self.inputs = [_spec(d) for d in interpreter.get_input_details()]
         self.outputs = [_spec(d) for d in interpreter.get_output_details()]
+        self._in = [(d["name"], int(d["index"])) for d in interpreter.get_input_details()]
+        self._out = [(d["name"], int(d["index"])) for d in interpreter.get_output_details()]
+        self._shapes = {int(d["index"]): tuple(int(x) for x in d["shape"]) for d in interpreter.get_input_details()}
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
             interp = self._interpreter
-            details = interp.get_input_details()
             resized = False
-            for detail in details:
-                array = inputs[detail["name"]]
-                if tuple(detail["shape"]) != array.shape:
-                    interp.resize_tensor_input(detail["index"], list(array.shape))
+            for name, index in self._in:
+                shape = inputs[name].shape
+                if self._shapes[index] != shape:
+                    interp.resize_tensor_input(index, list(shape))
+                    self._shapes[index] = tuple(shape)
                     resized = True
             if resized:
                 interp.allocate_tensors()
-            for detail in details:
-                interp.set_tensor(detail["index"], np.ascontiguousarray(inputs[detail["name"]]))
+            for name, index in self._in:
+                interp.set_tensor(index, np.ascontiguousarray(inputs[name]))
             try:
                 interp.invoke()
             except (RuntimeError, ValueError) as exc:
                 raise InferenceFailed(f"tflite invoke failed: {exc}") from None
-            return {d["name"]: interp.get_tensor(d["index"]).copy() for d in interp.get_output_details()}
+            return {name: interp.get_tensor(index).copy() for name, index in self._out}
 
     def unload(self) -> None:
         with self._lock:
