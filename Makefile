@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 DEMO := build/demo-bundles
 PYTEST_ARGS ?=
 
-.PHONY: help venv install install-test system-deps demo run test test-unit test-vm test-arm64 bench clean
+.PHONY: help venv install install-test install-torch system-deps demo run test test-unit test-vm test-arm64 bench clean
 
 help:
 	@echo "make run     set up .venv, build the demo bundles, serve them on 127.0.0.1:8080"
@@ -34,6 +34,16 @@ $(VENV)/.stamp-test: pyproject.toml | $(PY)
 install: $(VENV)/.stamp-all
 install-test: $(VENV)/.stamp-test
 
+# PyTorch -> TFLite (litert-torch: torch, jax, transformers, several GB) lives in its own venv,
+# like a build machine, so .venv stays small; the tests call its `edged convert`.
+TORCH_VENV := build/torch-venv
+$(TORCH_VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install --quiet -e '.[convert-torch,onnx]'
+	touch $@
+
+install-torch: $(TORCH_VENV)/.stamp
+
 # mosquitto, the pushgateway and promtool are Debian packages; apt starts neither service.
 system-deps:
 	@missing=""; \
@@ -41,6 +51,7 @@ system-deps:
 	[ -x /usr/bin/prometheus-pushgateway ] || missing="$$missing prometheus-pushgateway"; \
 	[ -x /usr/bin/promtool ] || missing="$$missing prometheus"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v tc >/dev/null || missing="$$missing iproute2"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
@@ -54,7 +65,7 @@ run: demo
 	$(VENV)/bin/edged serve --config examples/edged.toml
 
 # pytest exits 5 when it collected no tests: that is a failure here.
-test: system-deps install-test
+test: system-deps install-test install-torch
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

@@ -239,22 +239,9 @@ def run_keras(console) -> dict | None:
         fp32_path = Path(tmp) / "fp32.tflite"
         fp32_path.write_bytes(flat)
 
-        def bare_loop(path: Path, data: np.ndarray) -> dict[str, float]:
-            """The same bare interpreter loop for both models: set, invoke, get."""
-            interp = Interpreter(model_path=str(path), num_threads=1)
-            interp.allocate_tensors()
-            inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-
-            def call(b: np.ndarray) -> np.ndarray:
-                interp.set_tensor(inp["index"], b)
-                interp.invoke()
-                return interp.get_tensor(out["index"])
-
-            return _lat(call, data)
-
         spec = next(iter(open_bundle(result["bundle"]).manifest.inputs))
-        int8 = bare_loop(int8_path, spec.quantization.quantize(x, np.dtype(spec.dtype)))
-        fp32 = bare_loop(fp32_path, x)
+        int8 = _bare_tflite_loop(int8_path, spec.quantization.quantize(x, np.dtype(spec.dtype)))
+        fp32 = _bare_tflite_loop(fp32_path, x)
         int8_size = int8_path.stat().st_size
     return {
         "model": "Keras CNN on digits (conv 16-32, pool, conv 64, GAP, dense 64-10), NHWC 8x8x1",
@@ -263,6 +250,68 @@ def run_keras(console) -> dict | None:
         "accuracy_fp32": report["accuracy_source"], "accuracy_int8": report["accuracy_converted"],
         "accuracy_drop_points": report["accuracy_drop_points"], "top1_agreement": report["top1_agreement"],
     }
+
+
+FP32_TFLITE_FROM_PT2 = """
+import sys, torch, litert_torch
+program = torch.export.load(sys.argv[1])
+litert_torch.convert(program.module(), tuple(program.example_inputs[0])).export(sys.argv[2])
+"""
+
+
+def run_torch() -> dict:
+    """The PyTorch CNN demo -> TFLite int8 with litert-torch (PT2E), run from
+    build/torch-venv, against an fp32 .tflite of the same program (same interpreter loop)."""
+    venv = REPO / "build" / "torch-venv" / "bin" / "python"
+    if not venv.exists():
+        return {"left_out": "build/torch-venv is missing (make install-torch)"}
+    import json as _json
+
+    demo = REPO / "build" / "demo-torch"
+    subprocess.run([str(venv), str(REPO / "scripts" / "build_torch_demo.py"), "--out", str(demo)],
+                   check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with np.load(demo / "digits_test.npz") as data:
+        x = data["x"].astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([str(venv), "-m", "edged.cli", "convert", str(demo / "digits_cnn.pt2"), "--profile", "rpi4",
+                        "--name", "digits-torch", "--calib", str(demo / "digits_calib.npz"),
+                        "--holdout", str(demo / "digits_test.npz"), "-o", tmp],
+                       check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        fp32_path = Path(tmp) / "fp32.tflite"
+        subprocess.run([str(venv), "-c", FP32_TFLITE_FROM_PT2, str(demo / "digits_cnn.pt2"), str(fp32_path)],
+                       check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        bundle = Path(tmp) / "digits-torch"
+        report = _json.loads((bundle / "report.json").read_text())
+        from edged.bundle import open_bundle
+
+        spec = open_bundle(bundle).manifest.inputs[0]
+        int8_x = spec.quantization.quantize(x, np.dtype(spec.dtype)) if spec.quantization else x
+        int8 = _bare_tflite_loop(bundle / "model.tflite", int8_x)
+        fp32 = _bare_tflite_loop(fp32_path, x)
+        return {
+            "model": "PyTorch CNN on digits (conv 16-32, pool, conv 64, GAP, linear 10), NCHW 1x8x8, batch 1",
+            "conversion_s": report["conversion_seconds"], "size_fp32_bytes": fp32_path.stat().st_size,
+            "size_int8_bytes": (bundle / "model.tflite").stat().st_size,
+            "int8_latency_ms": int8, "fp32_latency_ms": fp32, "latency_ratio_p50": round(int8["p50"] / fp32["p50"], 3),
+            "accuracy_fp32": report["accuracy_source"], "accuracy_int8": report["accuracy_converted"],
+            "accuracy_drop_points": report["accuracy_drop_points"], "top1_agreement": report["top1_agreement"],
+        }
+
+
+def _bare_tflite_loop(path: Path, data: np.ndarray) -> dict[str, float]:
+    """Batch-1 latency of a .tflite with a bare set-invoke-get loop, 1 thread."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path), num_threads=1)
+    interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+
+    def call(b: np.ndarray) -> np.ndarray:
+        interp.set_tensor(inp["index"], b)
+        interp.invoke()
+        return interp.get_tensor(out["index"])
+
+    return _lat(call, data)
 
 
 def run() -> dict:
@@ -307,7 +356,7 @@ def run() -> dict:
                 "accuracy_drop_points": report["accuracy_drop_points"], "top1_agreement": report["top1_agreement"],
             })
     return {"model": "demo digits MLP 64-64-10 (build/demo-data/digits_fp32.onnx)", "samples": int(len(x)),
-            "runs": RUNS, "targets": rows, "keras": run_keras(console), "real_models": run_real(console), "note": NOTE}
+            "runs": RUNS, "targets": rows, "keras": run_keras(console), "torch": run_torch(), "real_models": run_real(console), "note": NOTE}
 
 
 def markdown(results: dict) -> str:
@@ -331,6 +380,7 @@ def markdown(results: dict) -> str:
     lines += ["", "The demo model is tiny (19 KiB): int8 latency here is dominated by per-call overhead, "
               "not arithmetic, so the ratios say little about larger models.", ""]
     lines += _keras_markdown(results.get("keras"))
+    lines += _torch_markdown(results.get("torch"))
     lines += _real_markdown(results.get("real_models") or [])
     lines += [f"Note: {results['note']}", ""]
     return "\n".join(lines)
@@ -345,6 +395,27 @@ def _keras_markdown(k: dict | None) -> list[str]:
         "### Keras CNN → TFLite int8 (TensorFlow's converter, profile rpi4)", "",
         f"{k['model']}. fp32 reference: the same Keras model converted to a float .tflite, run on the same runtime "
         "(ai-edge-litert, XNNPACK, 1 thread); both timed with the same bare set-invoke-get loop, int8 with int8 tensors.", "",
+        "| convert s | size fp32 → int8 | int8 p50 / p99 ms | fp32 p50 / p99 ms | int8/fp32 p50 | accuracy fp32 → int8 (drop) |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {k['conversion_s']:.2f} | {k['size_fp32_bytes'] / 1024:.1f} → {k['size_int8_bytes'] / 1024:.1f} KiB "
+        f"({k['size_int8_bytes'] / k['size_fp32_bytes']:.2f}x) | {k['int8_latency_ms']['p50']:.4f} / "
+        f"{k['int8_latency_ms']['p99']:.4f} | {k['fp32_latency_ms']['p50']:.4f} / {k['fp32_latency_ms']['p99']:.4f} | "
+        f"{k['latency_ratio_p50']:.2f} | {100 * k['accuracy_fp32']:.2f}% → {100 * k['accuracy_int8']:.2f}% "
+        f"({k['accuracy_drop_points']:.2f} pt) |",
+        "",
+    ]
+
+
+def _torch_markdown(k: dict | None) -> list[str]:
+    if not k:
+        return []
+    if "left_out" in k:
+        return [f"PyTorch → TFLite: left out, {k['left_out']}.", ""]
+    return [
+        "### PyTorch CNN → TFLite int8 (litert-torch PT2E, profile rpi4)", "",
+        f"{k['model']}. fp32 reference: the same exported program converted by litert-torch without quantization; "
+        "both timed with the same bare set-invoke-get loop (ai-edge-litert, 1 thread), the int8 model with int8 "
+        "input. Conversion runs in build/torch-venv.", "",
         "| convert s | size fp32 → int8 | int8 p50 / p99 ms | fp32 p50 / p99 ms | int8/fp32 p50 | accuracy fp32 → int8 (drop) |",
         "|---:|---:|---:|---:|---:|---:|",
         f"| {k['conversion_s']:.2f} | {k['size_fp32_bytes'] / 1024:.1f} → {k['size_int8_bytes'] / 1024:.1f} KiB "

@@ -82,18 +82,18 @@ class Source:
     original: Path
     input: ModelInput
     opset: int
-    kind: str = "onnx"  # or "tf": a Keras model or SavedModel (TFLite only)
-    tf: Any = None  # converters.tflite_keras.TFSource for kind "tf"
+    kind: str = "onnx"  # "tf": Keras model or SavedModel; "torch": a torch.export .pt2 (both: TFLite only)
+    framework: Any = None  # TFSource / TorchSource for kinds "tf" and "torch"
 
     def describe(self) -> str:
-        what = f"opset {self.opset}" if self.kind == "onnx" else "Keras/TensorFlow"
+        what = {"onnx": f"opset {self.opset}", "tf": "Keras/TensorFlow", "torch": "PyTorch (torch.export)"}[self.kind]
         return f"input {self.input.name!r} {list(self.input.shape)} float32, {what}"
 
     def runner(self) -> tuple[Any, str]:
         """(x -> first output of the float source model, that output's name)."""
-        if self.kind == "tf":
-            name = self.tf.output_names[0]
-            return (lambda x: self.tf.run(x)[name]), name
+        if self.framework is not None:
+            name = self.framework.output_names[0]
+            return (lambda x: self.framework.run(x)[name]), name
         session = source_session(self.path)
         in_name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
         return (lambda x: session.run([out_name], {in_name: x})[0]), out_name
@@ -108,10 +108,11 @@ def inspect_source(path: Path, input_shape: str | None, workdir: Path) -> Source
     from converters.base import ConversionError, UnsupportedOp, load_onnx, require
 
     from converters.tflite_keras import is_tf_source
+    from converters.tflite_torch import is_torch_source
 
     path = Path(path)
-    if is_tf_source(path):
-        return inspect_tf_source(path, input_shape)
+    if is_tf_source(path) or is_torch_source(path):
+        return inspect_framework_source(path, input_shape)
     onnx = require("onnx", "convert-onnx", "reading ONNX models")
     if not path.is_file():
         raise BadInput(f"{path}: no such model file")
@@ -182,18 +183,20 @@ def inspect_source(path: Path, input_shape: str | None, workdir: Path) -> Source
     return Source(path, path, ModelInput(vi.name, shape, "float32"), opset)
 
 
-def inspect_tf_source(path: Path, input_shape: str | None) -> Source:
-    """A Keras model (.keras/.h5) or SavedModel directory: TFLite int8 only."""
+def inspect_framework_source(path: Path, input_shape: str | None) -> Source:
+    """A Keras model (.keras/.h5), SavedModel directory or torch.export .pt2: TFLite int8 only."""
     from converters.base import ConversionError
-    from converters.tflite_keras import load_tf_source
+    from converters.tflite_keras import is_tf_source, load_tf_source
+    from converters.tflite_torch import load_torch_source
 
     if input_shape:
-        raise BadInput("--input-shape applies to ONNX sources; give a Keras/SavedModel source a static input shape")
+        raise BadInput("--input-shape applies to ONNX sources; export a Keras/PyTorch source with a static input shape")
+    kind = "tf" if is_tf_source(path) else "torch"
     try:
-        tf_source = load_tf_source(path)
+        loaded = load_tf_source(path) if kind == "tf" else load_torch_source(path)
     except ConversionError as exc:
         raise BadInput(str(exc)) from None
-    return Source(path, path, ModelInput(tf_source.input_name, tf_source.input_shape, "float32"), 0, "tf", tf_source)
+    return Source(path, path, ModelInput(loaded.input_name, loaded.input_shape, "float32"), 0, kind, loaded)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -374,7 +377,7 @@ def build_report(bundle_root: Path, source: Source, x: np.ndarray, y: np.ndarray
         "mean_abs_error": float(err.mean()),
         "latency_ms": {"source": src_latency, "converted": conv_latency},
         "latency_setup": f"batch 1, 1 thread, {runs} runs each after {LATENCY_WARMUP} warm-up, this machine; "
-                         f"source on {'onnxruntime CPU' if source.kind == 'onnx' else 'TensorFlow (eager Keras call)'}, "
+                         f"source on {SOURCE_RUNNERS[source.kind]}, "
                          "converted through edged's runtime "
                          f"({bundle.manifest.runtime}) incl. input/output (de)quantization",
         "size_bytes": {
@@ -389,6 +392,9 @@ def build_report(bundle_root: Path, source: Source, x: np.ndarray, y: np.ndarray
         report["accuracy_drop_points"] = round(100.0 * (report["accuracy_source"] - report["accuracy_converted"]), 4)
     report["agreement_drop_points"] = round(100.0 * (1.0 - report["top1_agreement"]), 4)
     return report
+
+
+SOURCE_RUNNERS = {"onnx": "onnxruntime CPU", "tf": "TensorFlow (eager Keras call)", "torch": "PyTorch (eager, per sample)"}
 
 
 def gate_drop(report: dict[str, Any]) -> tuple[float, str]:
@@ -416,8 +422,9 @@ def plan_for(profile: Any, source: Source) -> Plan:
 
     runtime, precision = profile.output, profile.precision
     plan = Plan(runtime, precision, provenance={"profile": profile.name, "profile_precision": precision})
-    if source.kind == "tf" and runtime != "tflite":
-        raise Skipped(f"Keras/SavedModel sources become TFLite only; profile {profile.name} wants {runtime} "
+    if source.kind != "onnx" and runtime != "tflite":
+        what = "Keras/SavedModel" if source.kind == "tf" else "PyTorch (.pt2)"
+        raise Skipped(f"{what} sources become TFLite only; profile {profile.name} wants {runtime} "
                       "(export the model to ONNX for that target)")
     backend = BACKENDS[runtime]
     if backend.library() is None:
@@ -431,6 +438,8 @@ def plan_for(profile: Any, source: Source) -> Plan:
                 require("nncf", "convert-openvino", "OpenVINO int8 quantization")
         elif runtime == "tflite" and source.kind == "tf":
             require("tensorflow", "convert-tf", "Keras/SavedModel to TFLite conversion")
+        elif runtime == "tflite" and source.kind == "torch":
+            require("litert_torch", "convert-torch", "PyTorch to TFLite conversion")
         elif runtime == "tflite":
             require("ai_edge_litert", "convert-tflite", "the TFLite writer")
             require("flatbuffers", "convert-tflite", "the TFLite writer")
@@ -464,6 +473,10 @@ def make_converter(plan: Plan, profile: Any, source: Source) -> Any:
         from converters.tflite_keras import KerasTFLiteConverter
 
         return KerasTFLiteConverter()
+    if source.kind == "torch":
+        from converters.tflite_torch import TorchTFLiteConverter
+
+        return TorchTFLiteConverter(per_channel=bool(profile.runtime_options("onnx").get("per_channel", True)))
     if plan.runtime == "tflite":
         per_channel = bool(profile.runtime_options("onnx").get("per_channel", True))
         return get_converter("tflite", per_channel=per_channel)
@@ -568,7 +581,7 @@ def report_table(report: dict[str, Any], title: str) -> Any:
 
 
 def convert(
-    source: Path = typer.Argument(..., help="float32 ONNX model, Keras model (.keras/.h5) or TF SavedModel directory."),
+    source: Path = typer.Argument(..., help="float32 ONNX model, Keras model (.keras/.h5), TF SavedModel directory or PyTorch torch.export archive (.pt2)."),
     profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Hardware profile (hw-profiles/*.toml), e.g. rpi4."),
     all_profiles: bool = typer.Option(False, "--all-profiles", help="One bundle per shipped profile, named {name}-{profile}."),
     out: Path = typer.Option(Path("bundles"), "--out", "-o", help="Directory the bundle(s) are written into."),
@@ -590,7 +603,8 @@ def convert(
     """Convert a float32 model into a quantized, validated bundle for a hardware profile.
 
     ONNX sources become ONNX int8 QDQ, OpenVINO IR or (MLPs) TFLite int8; Keras/SavedModel
-    sources become full-integer TFLite int8 with TensorFlow's converter (pip install 'edged[convert-tf]').
+    sources become full-integer TFLite int8 with TensorFlow's converter (pip install 'edged[convert-tf]');
+    PyTorch .pt2 sources become int8 TFLite with litert-torch (pip install 'edged[convert-torch]').
     """
     from rich.console import Console
     from rich.markup import escape

@@ -129,15 +129,33 @@ class LoadedModel:
                 raise InvalidInput(
                     f"input {name}: expected dtype {' or '.join(spec.accepted_dtypes())}, got {array.dtype.name}"
                 )
-            if not spec.matches_shape(tuple(array.shape)):
+            shape = tuple(array.shape)
+            if self.batch_one and shape[:1] != (0,) and len(shape) == len(spec.shape):
+                shape = (1, *shape[1:])  # a batch-1 model takes any batch, one sample at a time
+            if not spec.matches_shape(shape):
                 raise InvalidInput(
                     f"input {name}: expected shape {list(spec.shape)} (-1 = any), got {list(array.shape)}"
                 )
 
+    @property
+    def batch_one(self) -> bool:
+        """The model's inputs have a fixed batch of 1 (e.g. a static-shape export)."""
+        return bool(self.inputs) and all(s.shape[:1] == (1,) for s in self.inputs.values())
+
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Validate, quantize float inputs of int8 tensors, run, and dequantize
-        outputs unless every quantized input came in its native dtype."""
+        outputs unless every quantized input came in its native dtype. A batch-1
+        model runs a larger batch sample by sample and concatenates the results."""
         self.validate(inputs)
+        sizes = {a.shape[0] for a in inputs.values() if a.ndim}
+        if self.batch_one and sizes and max(sizes) > 1:
+            if len(sizes) != 1:
+                raise InvalidInput(f"inputs have different batch sizes: {sorted(sizes)}")
+            parts = [self._infer_one({k: v[i:i + 1] for k, v in inputs.items()}) for i in range(sizes.pop())]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return self._infer_one(inputs)
+
+    def _infer_one(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         native: dict[str, np.ndarray] = {}
         dequantize = False
         for name, array in inputs.items():
