@@ -387,35 +387,30 @@ def markdown(results: dict) -> str:
 
 
 def _keras_markdown(k: dict | None) -> list[str]:
-    if not k:
-        return []
-    if "left_out" in k:
-        return [f"Keras → TFLite: left out, {k['left_out']}.", ""]
-    return [
-        "### Keras CNN → TFLite int8 (TensorFlow's converter, profile rpi4)", "",
-        f"{k['model']}. fp32 reference: the same Keras model converted to a float .tflite, run on the same runtime "
-        "(ai-edge-litert, XNNPACK, 1 thread); both timed with the same bare set-invoke-get loop, int8 with int8 tensors.", "",
-        "| convert s | size fp32 → int8 | int8 p50 / p99 ms | fp32 p50 / p99 ms | int8/fp32 p50 | accuracy fp32 → int8 (drop) |",
-        "|---:|---:|---:|---:|---:|---:|",
-        f"| {k['conversion_s']:.2f} | {k['size_fp32_bytes'] / 1024:.1f} → {k['size_int8_bytes'] / 1024:.1f} KiB "
-        f"({k['size_int8_bytes'] / k['size_fp32_bytes']:.2f}x) | {k['int8_latency_ms']['p50']:.4f} / "
-        f"{k['int8_latency_ms']['p99']:.4f} | {k['fp32_latency_ms']['p50']:.4f} / {k['fp32_latency_ms']['p99']:.4f} | "
-        f"{k['latency_ratio_p50']:.2f} | {100 * k['accuracy_fp32']:.2f}% → {100 * k['accuracy_int8']:.2f}% "
-        f"({k['accuracy_drop_points']:.2f} pt) |",
-        "",
-    ]
+    return _cnn_markdown(
+        k, "Keras", "### Keras CNN → TFLite int8 (TensorFlow's converter, profile rpi4)",
+        "fp32 reference: the same Keras model converted to a float .tflite, run on the same runtime "
+        "(ai-edge-litert, XNNPACK, 1 thread); both timed with the same bare set-invoke-get loop, int8 with int8 tensors.",
+    )
 
 
 def _torch_markdown(k: dict | None) -> list[str]:
+    return _cnn_markdown(
+        k, "PyTorch", "### PyTorch CNN → TFLite int8 (litert-torch PT2E, profile rpi4)",
+        "fp32 reference: the same exported program converted by litert-torch without quantization; both timed "
+        "with the same bare set-invoke-get loop (ai-edge-litert, 1 thread), the int8 model with int8 input. "
+        "Conversion runs in build/torch-venv.",
+    )
+
+
+def _cnn_markdown(k: dict | None, source: str, title: str, setup: str) -> list[str]:
+    """One CNN-to-TFLite row: int8 against an fp32 .tflite of the same model."""
     if not k:
         return []
     if "left_out" in k:
-        return [f"PyTorch → TFLite: left out, {k['left_out']}.", ""]
+        return [f"{source} → TFLite: left out, {k['left_out']}.", ""]
     return [
-        "### PyTorch CNN → TFLite int8 (litert-torch PT2E, profile rpi4)", "",
-        f"{k['model']}. fp32 reference: the same exported program converted by litert-torch without quantization; "
-        "both timed with the same bare set-invoke-get loop (ai-edge-litert, 1 thread), the int8 model with int8 "
-        "input. Conversion runs in build/torch-venv.", "",
+        title, "", f"{k['model']}. {setup}", "",
         "| convert s | size fp32 → int8 | int8 p50 / p99 ms | fp32 p50 / p99 ms | int8/fp32 p50 | accuracy fp32 → int8 (drop) |",
         "|---:|---:|---:|---:|---:|---:|",
         f"| {k['conversion_s']:.2f} | {k['size_fp32_bytes'] / 1024:.1f} → {k['size_int8_bytes'] / 1024:.1f} KiB "
