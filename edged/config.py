@@ -36,6 +36,9 @@ class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 64 * 1024 * 1024
+    # Run a request on the event loop instead of a worker thread when its model answers
+    # in under this many microseconds on average (the thread hop costs more). 0: never.
+    inline_max_us: float = 200.0
 
 
 @dataclass
@@ -223,6 +226,8 @@ def _validate(config: Config) -> None:
     for key in ("download_timeout_s", "health_window_s"):
         if getattr(config.ota, key) <= 0:
             raise ConfigError(f"{src}: key ota.{key} must be positive")
+    if config.http.inline_max_us < 0:
+        raise ConfigError(f"{src}: key http.inline_max_us must be 0 (off) or more")
     if config.http.max_body_bytes < 1024:
         raise ConfigError(f"{src}: key http.max_body_bytes must be at least 1024")
 

@@ -34,7 +34,7 @@ class Daemon:
         self.dataplane = DataPlane(config, self.registry, self.metrics)
         self.http = HttpTransport(
             self.dataplane, config.http.host, config.http.port, config.http.max_body_bytes,
-            workers=max(4, config.max_concurrency * 4),
+            workers=max(4, config.max_concurrency * 4), inline_max_us=config.http.inline_max_us,
         )
         self.services: list[Service] = []
         # Called with short status lines ("loading models", "ready", ...).

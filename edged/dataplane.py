@@ -23,6 +23,7 @@ from edged.registry import ModelEntry, ModelRegistry
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics_metrics"]
+INLINE_MAX_BYTES = 64 * 1024  # larger inputs (big batches) always go to a worker thread
 
 
 @dataclass
@@ -138,6 +139,18 @@ class DataPlane:
                 log.exception("result listener failed")
         return response
 
+    def runs_inline(self, request: InferenceRequest, max_us: float) -> bool:
+        """Whether ``request`` is cheap enough to run on the caller's event loop: its
+        model version answers in under ``max_us`` on average and the inputs are small.
+        A thread hop costs more than such an inference (about 200 us here)."""
+        if max_us <= 0:
+            return False
+        entry = self.registry.get(request.model, request.version)
+        typical = entry.typical_latency_s
+        if typical is None or typical * 1e6 > max_us or not entry.ready:
+            return False
+        return sum(a.nbytes for a in request.inputs.values()) <= INLINE_MAX_BYTES
+
     def _run(self, entry: ModelEntry, request: InferenceRequest) -> InferenceResponse:
         depth = self.metrics.queue_depth.labels(entry.name, entry.version)
         depth.inc()
@@ -155,9 +168,9 @@ class DataPlane:
                     entry.count(ok=False)
                     raise InferenceFailed(f"model {entry.name} failed: {type(exc).__name__}: {exc}") from None
                 entry.count(ok=True)
-                self.metrics.latency.labels(entry.name, entry.version, entry.runtime).observe(
-                    time.perf_counter() - start
-                )
+                elapsed = time.perf_counter() - start
+                entry.note_latency(elapsed)
+                self.metrics.latency.labels(entry.name, entry.version, entry.runtime).observe(elapsed)
             finally:
                 entry.release()
         finally:

@@ -55,6 +55,7 @@ class LoadedModel:
     bundle: Bundle
     runtime: Runtime
     load_seconds: float = 0.0
+    warm_latency_s: float | None = None  # the last warm-up run (samples.npz batch), None without samples
     inputs: dict[str, TensorSpec] = field(default_factory=dict)
     outputs: dict[str, TensorSpec] = field(default_factory=dict)
 
@@ -93,7 +94,9 @@ class LoadedModel:
         if not samples or runs <= 0:
             return
         for _ in range(runs):
+            start = time.perf_counter()
             self.infer(samples)
+            self.warm_latency_s = time.perf_counter() - start
 
     def self_test(self) -> float:
         """Run samples.npz and return the worst error relative to the tolerance

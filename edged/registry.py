@@ -50,6 +50,8 @@ class ModelEntry:
     # Served requests and runtime failures of this load (OTA health watch).
     served: int = field(default=0, init=False)
     errors: int = field(default=0, init=False)
+    # Moving average of the runtime's time per request (None until measured).
+    typical_latency_s: float | None = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _idle: threading.Condition = field(init=False, repr=False)
 
@@ -89,6 +91,10 @@ class ModelEntry:
             self._pending -= 1
             if self._pending == 0:
                 self._idle.notify_all()
+
+    def note_latency(self, seconds: float) -> None:
+        previous = self.typical_latency_s
+        self.typical_latency_s = seconds if previous is None else 0.9 * previous + 0.1 * seconds
 
     def count(self, ok: bool) -> None:
         with self._lock:
@@ -263,6 +269,7 @@ class ModelRegistry:
             self._fail(entry, f"{type(exc).__name__}: {exc}", keep_serving=previous_state is ModelState.READY)
             return
         old = entry.model
+        entry.typical_latency_s = new.warm_latency_s
         entry.model, entry.state, entry.reason = new, ModelState.READY, ""
         entry.runtime = new.bundle.manifest.runtime
         if old is not None:
@@ -296,6 +303,7 @@ class ModelRegistry:
                 entry.source, entry.runtime = source, model.bundle.manifest.runtime
                 entry.model, entry.state, entry.reason = model, ModelState.READY, ""
                 entry.served = entry.errors = 0
+                entry.typical_latency_s = model.warm_latency_s
                 self._active[name] = version
                 others = [e for e in self._entries.values() if e.name == name and e is not entry]
             if previous_model is not None and previous_model is not model:

@@ -68,8 +68,14 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 class HttpTransport:
     """The aiohttp application and server for one data plane."""
 
-    def __init__(self, dataplane: DataPlane, host: str, port: int, max_body_bytes: int, workers: int = 8) -> None:
+    def __init__(self, dataplane: DataPlane, host: str, port: int, max_body_bytes: int, workers: int = 8,
+                 inline_max_us: float = 0.0) -> None:
         self.dataplane = dataplane
+        self.inline_max_us = inline_max_us
+        from prometheus_client import Counter
+
+        self.m_inline = Counter("edged_http_inline_requests", "HTTP inferences run on the event loop (no thread hop).",
+                                registry=dataplane.metrics.registry)
         self.host = host
         self.port = port
         self.max_body_bytes = max_body_bytes
@@ -213,7 +219,11 @@ class HttpTransport:
             except ValueError:
                 raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header!r}") from None
         decoded = decode_request(info["model"], info.get("version"), body, header_length)
-        response = await self._offload(self.dataplane.infer, decoded.request, "http")
+        if self.dataplane.runs_inline(decoded.request, self.inline_max_us):
+            self.m_inline.inc()
+            response = self.dataplane.infer(decoded.request, "http")
+        else:
+            response = await self._offload(self.dataplane.infer, decoded.request, "http")
         payload, json_length = encode_response(response, decoded.binary_outputs, decoded.all_binary)
         if json_length is None:
             return web.Response(body=payload, content_type="application/json")
