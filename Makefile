@@ -82,7 +82,7 @@ test-vm: demo
 test-arm64: demo
 	PY=$(PY) tests/arm64/test_arm64.sh
 
-bench: system-deps install-test
+bench: system-deps install-test install-torch
 	$(PY) -m benchmarks.run
 
 clean:

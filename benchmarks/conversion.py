@@ -4,8 +4,10 @@ accuracy drop on the held-out set.
 
 The fp32 reference runs on the same runtime where one exists: onnxruntime for
 the ONNX target, OpenVINO (the fp32 ONNX compiled for CPU) for the OpenVINO
-target. The TFLite writer has no fp32 mode, so the TFLite row compares against
-onnxruntime fp32 and says so.
+target. The MLP TFLite writer has no fp32 mode, so the MLP's TFLite row compares
+against onnxruntime fp32 and says so. CNN sources (the ONNX digits CNN, PyTorch,
+Keras, the PaddleOCR models) become TFLite through litert-torch or TensorFlow,
+and their fp32 reference is an fp32 .tflite of the same model on the same loop.
 
 A real, pip-distributed model is benchmarked too: the rapidocr-onnxruntime
 wheel ships trained PaddleOCR models as plain .onnx files. Only the wheel is
@@ -163,6 +165,9 @@ def _real_model(key: str, member: str, shape: tuple[int, ...], n_calib: int, n_h
     rows = []
     for profile_name, runtime in REAL_TARGETS:
         row: dict = {"profile": profile_name, "runtime": runtime}
+        if runtime == "tflite" and TORCH_VENV_PY.exists():
+            rows.append(_real_tflite_row(row, path, shape, calib, hold, labels, runs, tmp))
+            continue
         try:
             began = time.perf_counter()
             result = convert_one(src, get_profile(profile_name), calib, holdout_x=hold, holdout_y=labels,
@@ -189,6 +194,30 @@ def _real_model(key: str, member: str, shape: tuple[int, ...], n_calib: int, n_h
         rows.append(row)
     return {"key": key, "file": Path(member).name, "wheel": WHEEL_REQ, "input_shape": list(shape),
             "calib_samples": n_calib, "holdout_samples": n_hold, "runs": runs, "metric": metric, "targets": rows}
+
+
+def _real_tflite_row(row: dict, path: Path, shape: tuple[int, ...], calib: np.ndarray, hold: np.ndarray,
+                     labels: np.ndarray | None, runs: int, tmp: Path) -> dict:
+    """The TFLite target of a real ONNX model: onnx2torch + litert-torch in build/torch-venv."""
+    np.savez(tmp / "calib.npz", x=calib)
+    np.savez(tmp / "hold.npz", **({"x": hold, "y": labels} if labels is not None else {"x": hold}))
+    began = time.perf_counter()
+    try:
+        bundle, report, fp32_path = _torch_venv_convert(path, tmp / "tfl", "real-tflite", tmp / "calib.npz",
+                                                        tmp / "hold.npz", shape)
+    except subprocess.CalledProcessError as exc:
+        return {**row, "status": "not supported", "reason": f"onnx2torch/litert-torch conversion failed (exit {exc.returncode})"}
+    wall = time.perf_counter() - began
+    int8, fp32 = _tflite_pair(bundle, fp32_path, hold, runs)
+    return {
+        **row, "status": "ok", "precision": report["precision"], "conversion_s": report["conversion_seconds"],
+        "convert_and_validate_s": round(wall, 3), "size_fp32_bytes": fp32_path.stat().st_size,
+        "size_int8_bytes": (bundle / "model.tflite").stat().st_size, "int8_latency_ms": int8, "fp32_latency_ms": fp32,
+        "fp32_reference": "fp32 .tflite, same program", "latency_ratio_p50": round(int8["p50"] / fp32["p50"], 3),
+        "top1_agreement": report["top1_agreement"], "max_abs_error": report["max_abs_error"],
+        "mean_abs_error": report["mean_abs_error"], "rotation_accuracy_fp32": report.get("accuracy_source"),
+        "rotation_accuracy_int8": report.get("accuracy_converted"),
+    }
 
 
 def run_real(console) -> list[dict]:
@@ -252,42 +281,51 @@ def run_keras(console) -> dict | None:
     }
 
 
-FP32_TFLITE_FROM_PT2 = """
-import sys, torch, litert_torch
-program = torch.export.load(sys.argv[1])
-litert_torch.convert(program.module(), tuple(program.example_inputs[0])).export(sys.argv[2])
-"""
+TORCH_VENV_PY = REPO / "build" / "torch-venv" / "bin" / "python"
+
+
+def _torch_venv(*args: str) -> None:
+    subprocess.run([str(TORCH_VENV_PY), *args], check=True, cwd=REPO, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+
+
+def _torch_venv_convert(source: Path, out: Path, name: str, calib: Path, holdout: Path,
+                        input_shape: tuple[int, ...] | None = None) -> tuple[Path, dict, Path]:
+    """``edged convert --profile rpi4`` in build/torch-venv (litert-torch), and an fp32
+    .tflite of the same source; returns (bundle, report, fp32 .tflite)."""
+    import json as _json
+
+    shape = ["--input-shape", ",".join(map(str, input_shape))] if input_shape else []
+    _torch_venv("-m", "edged.cli", "convert", str(source), "--profile", "rpi4", "--name", name, "--calib", str(calib),
+                "--holdout", str(holdout), "--max-accuracy-drop", "100", "--latency-runs", "10", *shape, "-o", str(out))
+    fp32_path = out / f"{name}-fp32.tflite"
+    _torch_venv("-m", "benchmarks.fp32_tflite", str(source), str(fp32_path), *shape)
+    bundle = out / name
+    return bundle, _json.loads((bundle / "report.json").read_text()), fp32_path
+
+
+def _tflite_pair(bundle: Path, fp32_path: Path, x: np.ndarray, runs: int = RUNS) -> tuple[dict, dict]:
+    """int8 bundle and fp32 .tflite, each timed with the same bare loop (int8 with int8 input)."""
+    from edged.bundle import open_bundle
+
+    spec = open_bundle(bundle).manifest.inputs[0]
+    int8_x = spec.quantization.quantize(x, np.dtype(spec.dtype)) if spec.quantization else x
+    return _bare_tflite_loop(bundle / "model.tflite", int8_x, runs), _bare_tflite_loop(fp32_path, x, runs)
 
 
 def run_torch() -> dict:
     """The PyTorch CNN demo -> TFLite int8 with litert-torch (PT2E), run from
     build/torch-venv, against an fp32 .tflite of the same program (same interpreter loop)."""
-    venv = REPO / "build" / "torch-venv" / "bin" / "python"
-    if not venv.exists():
+    if not TORCH_VENV_PY.exists():
         return {"left_out": "build/torch-venv is missing (make install-torch)"}
-    import json as _json
-
     demo = REPO / "build" / "demo-torch"
-    subprocess.run([str(venv), str(REPO / "scripts" / "build_torch_demo.py"), "--out", str(demo)],
-                   check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _torch_venv(str(REPO / "scripts" / "build_torch_demo.py"), "--out", str(demo))
     with np.load(demo / "digits_test.npz") as data:
         x = data["x"].astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([str(venv), "-m", "edged.cli", "convert", str(demo / "digits_cnn.pt2"), "--profile", "rpi4",
-                        "--name", "digits-torch", "--calib", str(demo / "digits_calib.npz"),
-                        "--holdout", str(demo / "digits_test.npz"), "-o", tmp],
-                       check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        fp32_path = Path(tmp) / "fp32.tflite"
-        subprocess.run([str(venv), "-c", FP32_TFLITE_FROM_PT2, str(demo / "digits_cnn.pt2"), str(fp32_path)],
-                       check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        bundle = Path(tmp) / "digits-torch"
-        report = _json.loads((bundle / "report.json").read_text())
-        from edged.bundle import open_bundle
-
-        spec = open_bundle(bundle).manifest.inputs[0]
-        int8_x = spec.quantization.quantize(x, np.dtype(spec.dtype)) if spec.quantization else x
-        int8 = _bare_tflite_loop(bundle / "model.tflite", int8_x)
-        fp32 = _bare_tflite_loop(fp32_path, x)
+        bundle, report, fp32_path = _torch_venv_convert(demo / "digits_cnn.pt2", Path(tmp), "digits-torch",
+                                                        demo / "digits_calib.npz", demo / "digits_test.npz")
+        int8, fp32 = _tflite_pair(bundle, fp32_path, x)
         return {
             "model": "PyTorch CNN on digits (conv 16-32, pool, conv 64, GAP, linear 10), NCHW 1x8x8, batch 1",
             "conversion_s": report["conversion_seconds"], "size_fp32_bytes": fp32_path.stat().st_size,
@@ -298,7 +336,53 @@ def run_torch() -> dict:
         }
 
 
-def _bare_tflite_loop(path: Path, data: np.ndarray) -> dict[str, float]:
+def run_onnx_cnn(console) -> dict:
+    """The same digits CNN as ONNX (build_torch_demo.py writes it) for every target:
+    ONNX QDQ and OpenVINO int8 here against fp32 on the same runtime; TFLite int8
+    through onnx2torch + litert-torch in build/torch-venv against an fp32 .tflite."""
+    if not TORCH_VENV_PY.exists():
+        return {"left_out": "build/torch-venv is missing (make install-torch); it also writes the ONNX CNN"}
+    from edged.cli_convert import convert_one, inspect_source
+    from edged.profiles import get_profile
+
+    demo = REPO / "build" / "demo-torch"
+    _torch_venv(str(REPO / "scripts" / "build_torch_demo.py"), "--out", str(demo))
+    source_path = demo / "digits_cnn.onnx"
+    with np.load(demo / "digits_test.npz") as data:
+        x, y = data["x"].astype(np.float32), data["y"]
+    with np.load(demo / "digits_calib.npz") as data:
+        calib = data["x"].astype(np.float32)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        src = inspect_source(source_path, None, Path(tmp))
+        for profile_name, runtime in TARGETS:
+            if runtime == "tflite":
+                bundle, report, fp32_path = _torch_venv_convert(source_path, Path(tmp) / "tfl", "digits-onnx-cnn",
+                                                                demo / "digits_calib.npz", demo / "digits_test.npz")
+                int8, fp32 = _tflite_pair(bundle, fp32_path, x)
+                fp32_label, size_fp32 = "fp32 .tflite of the same onnx2torch program", fp32_path.stat().st_size
+                size_int8 = (bundle / "model.tflite").stat().st_size
+            else:
+                result = convert_one(src, get_profile(profile_name), calib, holdout_x=x, holdout_y=y,
+                                     out_dir=Path(tmp) / "out", bundle_name=f"cnn-{profile_name}", version="1.0.0",
+                                     max_drop=100.0, calib_note="digits train split, 200", console=console, runs=20)
+                report = result["report"]
+                int8 = _bundle_latency(result["bundle"], x, RUNS)
+                fp32, fp32_label = _fp32_same_runtime(runtime, source_path, x)
+                size_fp32, size_int8 = report["size_bytes"]["source"], report["size_bytes"]["converted"]
+            rows.append({
+                "profile": profile_name, "runtime": runtime, "precision": report["precision"],
+                "conversion_s": report["conversion_seconds"], "size_fp32_bytes": size_fp32,
+                "size_int8_bytes": size_int8, "int8_latency_ms": int8, "fp32_latency_ms": fp32,
+                "fp32_reference": fp32_label, "latency_ratio_p50": round(int8["p50"] / fp32["p50"], 3),
+                "accuracy_fp32": report["accuracy_source"], "accuracy_int8": report["accuracy_converted"],
+                "accuracy_drop_points": report["accuracy_drop_points"], "top1_agreement": report["top1_agreement"],
+            })
+    return {"model": "the PyTorch digits CNN exported to ONNX (build/demo-torch/digits_cnn.onnx), NCHW 1x8x8",
+            "samples": int(len(x)), "targets": rows}
+
+
+def _bare_tflite_loop(path: Path, data: np.ndarray, runs: int = RUNS) -> dict[str, float]:
     """Batch-1 latency of a .tflite with a bare set-invoke-get loop, 1 thread."""
     from ai_edge_litert.interpreter import Interpreter
 
@@ -311,7 +395,7 @@ def _bare_tflite_loop(path: Path, data: np.ndarray) -> dict[str, float]:
         interp.invoke()
         return interp.get_tensor(out["index"])
 
-    return _lat(call, data)
+    return _lat(call, data, runs)
 
 
 def run() -> dict:
@@ -356,34 +440,59 @@ def run() -> dict:
                 "accuracy_drop_points": report["accuracy_drop_points"], "top1_agreement": report["top1_agreement"],
             })
     return {"model": "demo digits MLP 64-64-10 (build/demo-data/digits_fp32.onnx)", "samples": int(len(x)),
-            "runs": RUNS, "targets": rows, "keras": run_keras(console), "torch": run_torch(), "real_models": run_real(console), "note": NOTE}
+            "runs": RUNS, "targets": rows, "keras": run_keras(console), "torch": run_torch(), "onnx_cnn": run_onnx_cnn(console), "real_models": run_real(console), "note": NOTE}
+
+
+TARGET_HEADER = [
+    "| profile | target | convert s | size fp32 → int8 | int8 p50 / p99 ms | fp32 p50 / p99 ms (reference) | int8/fp32 p50 | accuracy fp32 → int8 (drop) |",
+    "|---|---|---:|---:|---:|---:|---:|---:|",
+]
+
+
+def _target_rows(rows: list[dict]) -> list[str]:
+    return [
+        f"| {r['profile']} | {r['runtime']} {r['precision']} | {r['conversion_s']:.2f} | "
+        f"{r['size_fp32_bytes'] / 1024:.1f} → {r['size_int8_bytes'] / 1024:.1f} KiB "
+        f"({r['size_int8_bytes'] / r['size_fp32_bytes']:.2f}x) | "
+        f"{r['int8_latency_ms']['p50']:.4f} / {r['int8_latency_ms']['p99']:.4f} | "
+        f"{r['fp32_latency_ms']['p50']:.4f} / {r['fp32_latency_ms']['p99']:.4f} ({r['fp32_reference']}) | "
+        f"{r['latency_ratio_p50']:.2f} | {100 * r['accuracy_fp32']:.2f}% → {100 * r['accuracy_int8']:.2f}% "
+        f"({r['accuracy_drop_points']:.2f} pt) |"
+        for r in rows
+    ]
 
 
 def markdown(results: dict) -> str:
     lines = [
         "## Conversion (`edged convert`)", "",
         f"Model: {results['model']}; accuracy on {results['samples']} held-out images; latency: batch 1, "
-        f"1 thread, {results['runs']} runs each, the backend's own infer call (int8 tensors for TFLite).", "",
-        "| profile | target | convert s | size fp32 → int8 | int8 p50 / p99 ms | fp32 p50 / p99 ms (reference) | int8/fp32 p50 | accuracy fp32 → int8 (drop) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"1 thread, {results['runs']} runs each, the backend's own infer call (int8 tensors for TFLite). "
+        "int8/fp32 p50 below 1 means int8 is faster (the goal is ≤ 0.67, i.e. 1.5× faster).", "",
+        *TARGET_HEADER, *_target_rows(results["targets"]),
     ]
-    for r in results["targets"]:
-        lines.append(
-            f"| {r['profile']} | {r['runtime']} {r['precision']} | {r['conversion_s']:.2f} | "
-            f"{r['size_fp32_bytes'] / 1024:.1f} → {r['size_int8_bytes'] / 1024:.1f} KiB "
-            f"({r['size_int8_bytes'] / r['size_fp32_bytes']:.2f}x) | "
-            f"{r['int8_latency_ms']['p50']:.4f} / {r['int8_latency_ms']['p99']:.4f} | "
-            f"{r['fp32_latency_ms']['p50']:.4f} / {r['fp32_latency_ms']['p99']:.4f} ({r['fp32_reference']}) | "
-            f"{r['latency_ratio_p50']:.2f} | {100 * r['accuracy_fp32']:.2f}% → {100 * r['accuracy_int8']:.2f}% "
-            f"({r['accuracy_drop_points']:.2f} pt) |"
-        )
     lines += ["", "The demo model is tiny (19 KiB): int8 latency here is dominated by per-call overhead, "
               "not arithmetic, so the ratios say little about larger models.", ""]
+    lines += _onnx_cnn_markdown(results.get("onnx_cnn"), results["runs"])
     lines += _keras_markdown(results.get("keras"))
     lines += _torch_markdown(results.get("torch"))
     lines += _real_markdown(results.get("real_models") or [])
     lines += [f"Note: {results['note']}", ""]
     return "\n".join(lines)
+
+
+def _onnx_cnn_markdown(k: dict | None, runs: int) -> list[str]:
+    if not k:
+        return []
+    if "left_out" in k:
+        return [f"ONNX CNN: left out, {k['left_out']}.", ""]
+    return [
+        "### ONNX CNN → every target", "",
+        f"Model: {k['model']}; accuracy on {k['samples']} held-out images; {runs} latency runs, batch 1, 1 thread. "
+        "ONNX and OpenVINO: the int8 bundle through the backend's own call against the fp32 ONNX on the same runtime. "
+        "TFLite: converted in build/torch-venv (onnx2torch, then litert-torch PT2E); int8 and an fp32 .tflite of the "
+        "same translated program, timed with the same bare set-invoke-get loop on ai-edge-litert.", "",
+        *TARGET_HEADER, *_target_rows(k["targets"]), "",
+    ]
 
 
 def _keras_markdown(k: dict | None) -> list[str]:
@@ -468,12 +577,14 @@ def _real_markdown(models: list[dict]) -> list[str]:
                 cells += f"{r['max_abs_error']:.3f} / {r['mean_abs_error']:.4f} |"
             lines.append(cells)
         reasons = {r["reason"] for r in m["targets"] if r["status"] != "ok"}
-        lines += [""] + [f"TFLite: the int8 writer does not support this model: {x}" for x in reasons] + [""]
+        lines += [""] + ([f"TFLite: not converted: {x}" for x in reasons] + [""] if reasons else [])
+        tfl = next((r for r in m["targets"] if r["runtime"] == "tflite" and r["status"] == "ok"), None)
+        if tfl:
+            lines += ["The TFLite row is converted in build/torch-venv (onnx2torch, then litert-torch PT2E); its fp32 "
+                      "reference is an fp32 .tflite of the same translated program on the same interpreter loop.", ""]
         if top1:
             lines += ["The 180° label accuracy is close to chance even for fp32: random strokes carry little of "
-                      "the orientation cue real script has, so top-1 agreement with fp32 is the number to read. "
-                      "int8 is slower than fp32 here, likely because at this size (572 KiB, batch 1) the added "
-                      "quantize/dequantize work outweighs the int8 arithmetic savings (not profiled).", ""]
+                      "the orientation cue real script has, so top-1 agreement with fp32 is the number to read.", ""]
         if not top1:
             lines += ["The det output is a per-pixel probability: a max abs error near 1 means some pixels flip "
                       "between text and background; the mean shows how rare that is.", ""]

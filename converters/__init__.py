@@ -1,4 +1,4 @@
-"""Model converters: a float32 ONNX (or Keras/SavedModel) model -> an edged bundle per target.
+"""Model converters: a float32 ONNX (or Keras/SavedModel/PyTorch) model -> an edged bundle per target.
 
 Each target is one module behind the ``converters.base.Converter`` protocol:
 
@@ -8,6 +8,9 @@ Each target is one module behind the ``converters.base.Converter`` protocol:
   (TensorFlow-free writer, MLP subset of ONNX)
 * ``tflite_keras.KerasTFLiteConverter`` Keras / SavedModel -> full-integer int8 .tflite
   with TensorFlow's TFLiteConverter                                 edged[convert-tf]
+* ``tflite_torch.TorchTFLiteConverter`` PyTorch .pt2, or an ONNX model beyond the
+  MLP subset (translated by ``onnx_torch`` with onnx2torch) -> full-integer int8
+  .tflite with litert-torch PT2E                                    edged[convert-torch]
 
 Modules import their libraries lazily; a missing one raises
 ``ConverterUnavailable`` naming the extra.

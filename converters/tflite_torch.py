@@ -3,7 +3,10 @@
 
 Source: a ``.pt2`` file, the standard PyTorch 2 archive of an exported program
 (``torch.export.save(torch.export.export(model.eval(), (example,)), "m.pt2")``),
-so the model's Python code is not needed. Flow: ``prepare_pt2e`` with
+so the model's Python code is not needed; or an ONNX model that the MLP-only
+writer (``tflite_int8``) cannot take, translated by ``converters.onnx_torch``
+(onnx2torch) and exported with batch 1. The validation reference of an ONNX
+source is onnxruntime on the original file. Flow: ``prepare_pt2e`` with
 litert-torch's ``PT2EQuantizer`` (symmetric, per-channel weights), calibration
 on ``--calib`` one sample at a time, ``convert_pt2e``, ``litert_torch.convert``.
 
@@ -47,6 +50,12 @@ class TorchSource:
     output_names: list[str]
     run: Callable[[np.ndarray], dict[str, np.ndarray]]
     program: Any  # torch.export.ExportedProgram
+    from_onnx: bool = False
+    source_run: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None  # the ONNX original
+
+    def reference(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs of the source model itself (onnxruntime for an ONNX source)."""
+        return (self.source_run or self.run)(x)
 
 
 def load_torch_source(path: Path) -> TorchSource:
@@ -63,8 +72,33 @@ def load_torch_source(path: Path) -> TorchSource:
         raise ConversionError(f"{path.name}: TFLite conversion supports one tensor input, found {len(example)}")
     if example[0].dtype != torch.float32:
         raise ConversionError(f"{path.name}: input is {example[0].dtype}; only float32 inputs can be quantized")
+    return _torch_source(path, program, tuple(int(d) for d in example[0].shape))
+
+
+def load_onnx_as_torch(path: Path) -> TorchSource:
+    """An ONNX model (one float32 input, static non-batch dims) translated by
+    onnx2torch (``converters.onnx_torch``) and exported with batch 1."""
+    from converters.base import onnx_reference
+    from converters.onnx_torch import onnx_program
+
+    onnx = require("onnx", EXTRA, "reading ONNX models")
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    inp = next(i for i in model.graph.input if i.name not in inits)
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in inp.type.tensor_type.shape.dim]
+    if any(d < 0 for d in dims[1:]):
+        raise ConversionError(f"{path.name}: input {inp.name!r} has dynamic non-batch dims {dims}; pass --input-shape")
+    shape = (1, *dims[1:])
+    src = _torch_source(path, onnx_program(path, shape), shape)
+    src.from_onnx = True
+    src.source_run = lambda x: onnx_reference(path, np.asarray(x, dtype=np.float32))
+    return src
+
+
+def _torch_source(path: Path, program: Any, shape: tuple[int, ...]) -> TorchSource:
+    torch = require("torch", EXTRA, "PyTorch conversion")
     module = program.module()
-    shape = tuple(int(d) for d in example[0].shape)
 
     def run(x: np.ndarray) -> dict[str, np.ndarray]:
         with torch.no_grad():
@@ -92,7 +126,7 @@ class TorchTFLiteConverter:
         litert_torch = require("litert_torch", EXTRA, "PyTorch to TFLite conversion")
         pt2e = require("litert_torch.quantize.pt2e_quantizer", EXTRA, "PT2E quantization")
         quantize_pt2e = require("torchao.quantization.pt2e.quantize_pt2e", EXTRA, "PT2E quantization")
-        src = load_torch_source(source)
+        src = load_onnx_as_torch(source) if Path(source).suffix == ".onnx" else load_torch_source(source)
         calib = np.asarray(calibration, dtype=np.float32)
         example = tuple(src.program.example_inputs[0])
         try:
@@ -118,10 +152,11 @@ class TorchTFLiteConverter:
             return finish_bundle(
                 dest=dest, info=info, profile=profile, runtime="tflite", model_file="model.tflite",
                 files={"model.tflite": model_path}, inputs=inputs, outputs=outputs, calibration=calib,
-                reference=lambda x: {o.name: v for o, v in zip(outputs, src.run(x).values())},
+                reference=lambda x: {o.name: v for o, v in zip(outputs, src.reference(x).values())},
                 source=Path(source),
                 provenance={"converter": self.name, "torch": dist_version("torch"),
                             "litert_torch": dist_version("litert-torch"),
+                            **({"onnx2torch": dist_version("onnx2torch")} if src.from_onnx else {}),
                             "quantization": "PT2E static int8, symmetric, "
                                             + ("per-channel" if self.per_channel else "per-tensor") + " weights"},
             )

@@ -479,8 +479,31 @@ def make_converter(plan: Plan, profile: Any, source: Source) -> Any:
         return TorchTFLiteConverter(per_channel=bool(profile.runtime_options("onnx").get("per_channel", True)))
     if plan.runtime == "tflite":
         per_channel = bool(profile.runtime_options("onnx").get("per_channel", True))
-        return get_converter("tflite", per_channel=per_channel)
+        return tflite_converter_for_onnx(source.path, per_channel)
     return get_converter(plan.runtime, precision=plan.precision)
+
+
+def tflite_converter_for_onnx(path: Path, per_channel: bool) -> Any:
+    """The TensorFlow-free writer when the ONNX graph is an MLP it supports;
+    otherwise onnx2torch + litert-torch when the convert-torch extra is there;
+    otherwise the writer's UnsupportedOp, with the extra to install."""
+    from converters import get_converter
+    from converters.base import UnsupportedOp, load_onnx
+    from converters.onnx_torch import available as torch_route_available
+    from converters.tflite_int8 import parse_onnx
+
+    try:
+        parse_onnx(load_onnx(path, "convert-tflite"))
+    except UnsupportedOp as exc:
+        if not torch_route_available():
+            raise UnsupportedOp(
+                f"{exc}; ONNX models beyond MLPs (convolutions, pooling, ...) become TFLite through "
+                "onnx2torch and litert-torch: pip install 'edged[convert-torch]'"
+            ) from None
+        from converters.tflite_torch import TorchTFLiteConverter
+
+        return TorchTFLiteConverter(per_channel=per_channel)
+    return get_converter("tflite", per_channel=per_channel)
 
 
 def convert_one(

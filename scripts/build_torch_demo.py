@@ -3,7 +3,8 @@ torch.export archive, with NCHW calibration/held-out data, for
 `edged convert digits_cnn.pt2 --profile rpi4` (litert-torch, int8 TFLite).
 
     python scripts/build_torch_demo.py --out build/demo-torch
-    -> digits_cnn.pt2, digits_calib.npz (x), digits_test.npz (x, y)
+    -> digits_cnn.pt2, digits_cnn.onnx (the same CNN for ONNX sources),
+       digits_calib.npz (x), digits_test.npz (x, y)
 
 Needs the convert-torch extra (torch, litert-torch) and scikit-learn.
 """
@@ -22,7 +23,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     args = parser.parse_args()
     out: Path = args.out
-    if (out / "digits_cnn.pt2").exists():
+    if (out / "digits_cnn.pt2").exists() and (out / "digits_cnn.onnx").exists():
         print(f"torch demo up to date in {out}")
         return
     import torch
@@ -59,8 +60,16 @@ def main() -> None:
     torch.export.save(program, str(tmp))
     np.savez(out / "digits_calib.npz", x=x_train[:200])
     np.savez(out / "digits_test.npz", x=x_test, y=y_test)
+    # The same CNN as ONNX (dynamic batch), a source for every target: ONNX, OpenVINO
+    # and TFLite (through onnx2torch + litert-torch).
+    tmp_onnx = out / ".digits_cnn.onnx"
+    torch.onnx.export(model, (torch.from_numpy(x_test[:1]),), str(tmp_onnx), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    tmp_onnx.replace(out / "digits_cnn.onnx")
     tmp.replace(out / "digits_cnn.pt2")
-    print(f"wrote {out}/digits_cnn.pt2 (held-out accuracy {accuracy:.3f}), digits_calib.npz, digits_test.npz")
+    print(f"wrote {out}/digits_cnn.pt2 and digits_cnn.onnx (held-out accuracy {accuracy:.3f}), "
+          "digits_calib.npz, digits_test.npz")
 
 
 if __name__ == "__main__":
