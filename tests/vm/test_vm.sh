@@ -4,13 +4,18 @@
 # overlay, installs the edged wheel from local wheels, runs `edged install`, then checks:
 # active + HTTP inference through a 127.0.0.1 port forward, watchdog restart after
 # SIGSTOP, restart after SIGKILL, and that the service comes back after a reboot.
+# All three runtimes (onnxruntime, ai-edge-litert, OpenVINO) serve under the hardened
+# unit, and `systemctl reload` (SIGHUP) loads a newly listed model while a client keeps
+# sending requests: none may fail.
 # EDGED_VM_KEEP=1 leaves the VM running at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VM=build/vm
 PY=${PY:-.venv/bin/python}
 BUNDLE=${EDGED_VM_BUNDLE:-digits-onnx}
-EXTRAS=${EDGED_VM_EXTRAS:-onnx}
+LATE=${EDGED_VM_LATE_BUNDLE:-digits-openvino}   # listed only at the reload
+BUNDLES=${EDGED_VM_BUNDLES:-digits-onnx digits-tflite digits-openvino}
+EXTRAS=${EDGED_VM_EXTRAS:-onnx,tflite,openvino}
 T0=$(date +%s)
 step_t=$T0
 say() { local now; now=$(date +%s); printf '[vm %4ds +%3ds] %s\n' $((now - T0)) $((now - step_t)) "$*"; step_t=$now; }
@@ -28,7 +33,7 @@ mkdir -p "$VM/wheels"; rm -f "$VM"/wheels/edged-*.whl
 "$PY" -m pip download -q -d "$VM/wheels" --only-binary=:all: --python-version 3.11 \
   --implementation cp --abi cp311 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform any "$WHEEL[$EXTRAS]" 2>&1 | grep -v '^WARNING: Location' || true
-[[ -d build/demo-bundles/$BUNDLE ]] || fail "build/demo-bundles/$BUNDLE missing: run make demo"
+for b in $BUNDLES; do [[ -d build/demo-bundles/$b ]] || fail "build/demo-bundles/$b missing: run make demo"; done
 say "wheels ready ($(ls "$VM/wheels" | wc -l) files)"
 
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -69,16 +74,17 @@ wait_ssh() { local end=$(( $(date +%s) + ${1:-300} )); while (( $(date +%s) < en
 wait_ssh
 say "guest booted, ssh answers"
 
-tar -C build -cf - dist/"$(basename "$WHEEL")" vm/wheels demo-bundles/"$BUNDLE" | g 'rm -rf /root/edged && mkdir -p /root/edged && tar -C /root/edged -xf -'
+tar -C build -cf - dist/"$(basename "$WHEEL")" vm/wheels $(printf 'demo-bundles/%s ' $BUNDLES) | g 'rm -rf /root/edged && mkdir -p /root/edged && tar -C /root/edged -xf -'
 g "set -e
 python3 -m venv /opt/edged/venv
 /opt/edged/venv/bin/pip install -q --no-index --find-links /root/edged/vm/wheels '/root/edged/dist/$(basename "$WHEEL")[$EXTRAS]'
-mkdir -p /var/lib/edged/models && cp -r /root/edged/demo-bundles/$BUNDLE /var/lib/edged/models/
+mkdir -p /var/lib/edged/models && cp -r /root/edged/demo-bundles/* /var/lib/edged/models/
 cat > /root/edged.toml <<'TOML'
 # 0.0.0.0 inside the VM: qemu's user-mode hostfwd connects to the guest's NIC address.
+# $LATE is left out here; the reload step adds it.
 models_dir = \"/var/lib/edged/models\"
 state_dir = \"/var/lib/edged\"
-load = [\"*\"]
+load = [$(for b in $BUNDLES; do [[ $b == "$LATE" ]] || printf '"%s", ' "$b"; done)]
 [http]
 host = \"0.0.0.0\"
 port = 8080
@@ -93,13 +99,59 @@ g "/opt/edged/venv/bin/edged install --venv /opt/edged/venv --config /root/edged
 grep -q 'nothing to do' /tmp/edged-vm-install2.log || fail "second edged install changed something"
 
 BODY=$("$PY" -c 'import json; print(json.dumps({"inputs":[{"name":"input","shape":[1,1,8,8],"datatype":"FP32","data":[0.0]*64}]}))')
-infer() {
-  local out; out=$(curl -sf --max-time 10 -H 'Content-Type: application/json' -d "$BODY" "http://127.0.0.1:$HTTP_PORT/v2/models/$BUNDLE/infer") || return 1
+infer() {  # [MODEL]
+  local out; out=$(curl -sf --max-time 10 -H 'Content-Type: application/json' -d "$BODY" "http://127.0.0.1:$HTTP_PORT/v2/models/${1:-$BUNDLE}/infer") || return 1
   "$PY" -c 'import json,sys; d=json.loads(sys.argv[1]); o=d["outputs"][0]; assert o["shape"]==[1,10], o; print("infer ok:", o["name"], o["shape"])' "$out"
 }
 ready() { curl -sf --max-time 3 -o /dev/null "http://127.0.0.1:$HTTP_PORT/v2/health/ready"; }
 infer || fail "inference through 127.0.0.1:$HTTP_PORT"
 say "HTTP inference from the host works"
+for b in $BUNDLES; do [[ $b == "$LATE" ]] || infer "$b" || fail "inference on $b under the hardened unit"; done
+say "every runtime loaded at start serves under the hardened unit"
+
+# Reload: list $LATE in the config and `systemctl reload` while a keep-alive client
+# keeps sending requests to $BUNDLE; none may fail, the MainPID stays, $LATE loads.
+P0=$(g systemctl show -p MainPID --value edged)
+rm -f "$VM/client.stop"
+"$PY" - "$HTTP_PORT" "$BUNDLE" "$VM/client.stop" > "$VM/client.json" <<'PYCLIENT' &
+import http.client, json, os, sys, time
+port, model, stop = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]})
+ok = bad = 0
+errors = []
+conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+end = time.time() + 300
+while not os.path.exists(stop) and time.time() < end:
+    try:
+        conn.request("POST", f"/v2/models/{model}/infer", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status == 200:
+            ok += 1
+        else:
+            bad += 1
+            errors.append(f"{resp.status} {data[:200]!r}")
+    except Exception as exc:  # a dropped connection counts as a failed request
+        bad += 1
+        errors.append(repr(exc))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+print(json.dumps({"ok": ok, "failed": bad, "errors": errors[:5]}))
+PYCLIENT
+CLIENT=$!
+sleep 3
+g "sed -i 's/^load = \\[/load = [\"$LATE\", /' /etc/edged/edged.toml && grep '^load' /etc/edged/edged.toml && systemctl reload edged"
+for _ in $(seq 1 120); do
+  curl -sf --max-time 3 -o /dev/null "http://127.0.0.1:$HTTP_PORT/v2/models/$LATE/ready" && break; sleep 1
+done
+sleep 2
+touch "$VM/client.stop"; wait "$CLIENT" || true
+cat "$VM/client.json"
+"$PY" -c 'import json,sys; r=json.load(open(sys.argv[1])); sys.exit(0 if r["ok"] > 0 and r["failed"] == 0 else 1)' "$VM/client.json" \
+  || fail "requests failed across systemctl reload: $(cat "$VM/client.json")"
+[[ $(g systemctl show -p MainPID --value edged) == "$P0" ]] || fail "systemctl reload restarted the daemon"
+infer "$LATE" || fail "$LATE (listed at the reload) does not serve"
+g "systemctl show -p StatusText --value edged"
+say "systemctl reload: $LATE loaded under the hardened unit, MainPID $P0 kept, no failed request ($(cat "$VM/client.json"))"
 
 mainpid() { g systemctl show -p MainPID --value edged; }
 # wait until edged has a MainPID other than $1, is active, and answers HTTP
@@ -137,6 +189,7 @@ wait_ssh
 for _ in $(seq 1 120); do ready && break; sleep 1; done
 [[ $(g systemctl is-active edged) == active ]] || fail "edged not active after reboot"
 infer || fail "inference after reboot"
+for b in $BUNDLES; do infer "$b" || fail "inference on $b after reboot"; done
 say "reboot: edged active and answering again"
 if [[ ${EDGED_VM_ANSIBLE:-1} == 1 ]]; then source tests/vm/ansible_vm.sh; fi
 echo "VM TEST PASSED in $(( $(date +%s) - T0 ))s"
