@@ -625,9 +625,11 @@ def convert(
 ) -> None:
     """Convert a float32 model into a quantized, validated bundle for a hardware profile.
 
-    ONNX sources become ONNX int8 QDQ, OpenVINO IR or (MLPs) TFLite int8; Keras/SavedModel
-    sources become full-integer TFLite int8 with TensorFlow's converter (pip install 'edged[convert-tf]');
-    PyTorch .pt2 sources become int8 TFLite with litert-torch (pip install 'edged[convert-torch]').
+    ONNX sources become ONNX int8 QDQ, OpenVINO IR or TFLite int8 (MLPs directly; CNNs and other
+    graphs through onnx2torch and litert-torch: pip install 'edged\\[convert-torch]').
+    Keras/SavedModel sources become full-integer TFLite int8 with TensorFlow's converter
+    (pip install 'edged\\[convert-tf]'). PyTorch .pt2 sources become int8 TFLite with
+    litert-torch (pip install 'edged\\[convert-torch]').
     """
     from rich.console import Console
     from rich.markup import escape
