@@ -244,9 +244,7 @@ def run_keras(console) -> dict | None:
     if importlib.util.find_spec("tensorflow") is None:
         return {"left_out": "TensorFlow is not installed (pip install 'edged[convert-tf]')"}
     import tensorflow as tf
-    from ai_edge_litert.interpreter import Interpreter
 
-    from edged.bundle import open_bundle
     from edged.cli_convert import convert_one, inspect_source
     from edged.profiles import get_profile
 
@@ -268,9 +266,7 @@ def run_keras(console) -> dict | None:
         fp32_path = Path(tmp) / "fp32.tflite"
         fp32_path.write_bytes(flat)
 
-        spec = next(iter(open_bundle(result["bundle"]).manifest.inputs))
-        int8 = _bare_tflite_loop(int8_path, spec.quantization.quantize(x, np.dtype(spec.dtype)))
-        fp32 = _bare_tflite_loop(fp32_path, x)
+        int8, fp32 = _tflite_pair(Path(result["bundle"]), fp32_path, x)
         int8_size = int8_path.stat().st_size
     return {
         "model": "Keras CNN on digits (conv 16-32, pool, conv 64, GAP, dense 64-10), NHWC 8x8x1",
@@ -336,6 +332,19 @@ def run_torch() -> dict:
         }
 
 
+def _target_row(profile_name: str, runtime: str, report: dict, int8: dict, fp32: dict, fp32_label: str,
+                size_fp32: int, size_int8: int, **extra) -> dict:
+    """One row of a per-target table (the MLP's and the ONNX CNN's)."""
+    return {
+        "profile": profile_name, "runtime": runtime, "precision": report["precision"],
+        "conversion_s": report["conversion_seconds"], **extra, "size_fp32_bytes": size_fp32,
+        "size_int8_bytes": size_int8, "int8_latency_ms": int8, "fp32_latency_ms": fp32,
+        "fp32_reference": fp32_label, "latency_ratio_p50": round(int8["p50"] / fp32["p50"], 3),
+        "accuracy_fp32": report["accuracy_source"], "accuracy_int8": report["accuracy_converted"],
+        "accuracy_drop_points": report["accuracy_drop_points"], "top1_agreement": report["top1_agreement"],
+    }
+
+
 def run_onnx_cnn(console) -> dict:
     """The same digits CNN as ONNX (build_torch_demo.py writes it) for every target:
     ONNX QDQ and OpenVINO int8 here against fp32 on the same runtime; TFLite int8
@@ -370,14 +379,7 @@ def run_onnx_cnn(console) -> dict:
                 int8 = _bundle_latency(result["bundle"], x, RUNS)
                 fp32, fp32_label = _fp32_same_runtime(runtime, source_path, x)
                 size_fp32, size_int8 = report["size_bytes"]["source"], report["size_bytes"]["converted"]
-            rows.append({
-                "profile": profile_name, "runtime": runtime, "precision": report["precision"],
-                "conversion_s": report["conversion_seconds"], "size_fp32_bytes": size_fp32,
-                "size_int8_bytes": size_int8, "int8_latency_ms": int8, "fp32_latency_ms": fp32,
-                "fp32_reference": fp32_label, "latency_ratio_p50": round(int8["p50"] / fp32["p50"], 3),
-                "accuracy_fp32": report["accuracy_source"], "accuracy_int8": report["accuracy_converted"],
-                "accuracy_drop_points": report["accuracy_drop_points"], "top1_agreement": report["top1_agreement"],
-            })
+            rows.append(_target_row(profile_name, runtime, report, int8, fp32, fp32_label, size_fp32, size_int8))
     return {"model": "the PyTorch digits CNN exported to ONNX (build/demo-torch/digits_cnn.onnx), NCHW 1x8x8",
             "samples": int(len(x)), "targets": rows}
 
@@ -401,11 +403,8 @@ def _bare_tflite_loop(path: Path, data: np.ndarray, runs: int = RUNS) -> dict[st
 def run() -> dict:
     from rich.console import Console
 
-    from edged.bundle import open_bundle
     from edged.cli_convert import convert_one, inspect_source
-    from edged.model import LoadedModel
     from edged.profiles import get_profile
-    from edged.runtimes import RuntimeOptions
 
     _ensure_demo()
     source_path = DEMO_DATA / "digits_fp32.onnx"
@@ -424,21 +423,11 @@ def run() -> dict:
                                  calib_note="digits test set, first 300", console=console, runs=20)
             wall = time.perf_counter() - began
             report = result["report"]
-            model = LoadedModel.load(open_bundle(result["bundle"]), RuntimeOptions(threads=1), warmup=3)
-            spec = model.inputs["input"]
-            native = lambda b: spec.quantization.quantize(b, np.dtype(spec.dtype)) if spec.quantization else b  # noqa: E731
-            int8 = _lat(lambda b: model.runtime.infer({"input": native(b)}), x)
-            model.unload()
+            int8 = _bundle_latency(result["bundle"], x, RUNS)
             fp32, fp32_label = _fp32_same_runtime(runtime, source_path, x)
-            rows.append({
-                "profile": profile_name, "runtime": runtime, "precision": report["precision"],
-                "conversion_s": report["conversion_seconds"], "convert_and_validate_s": round(wall, 3),
-                "size_fp32_bytes": report["size_bytes"]["source"], "size_int8_bytes": report["size_bytes"]["converted"],
-                "int8_latency_ms": int8, "fp32_latency_ms": fp32, "fp32_reference": fp32_label,
-                "latency_ratio_p50": round(int8["p50"] / fp32["p50"], 3),
-                "accuracy_fp32": report["accuracy_source"], "accuracy_int8": report["accuracy_converted"],
-                "accuracy_drop_points": report["accuracy_drop_points"], "top1_agreement": report["top1_agreement"],
-            })
+            rows.append(_target_row(profile_name, runtime, report, int8, fp32, fp32_label,
+                                    report["size_bytes"]["source"], report["size_bytes"]["converted"],
+                                    convert_and_validate_s=round(wall, 3)))
     return {"model": "demo digits MLP 64-64-10 (build/demo-data/digits_fp32.onnx)", "samples": int(len(x)),
             "runs": RUNS, "targets": rows, "keras": run_keras(console), "torch": run_torch(), "onnx_cnn": run_onnx_cnn(console), "real_models": run_real(console), "note": NOTE}
 

@@ -83,12 +83,13 @@ def _static_shapes(gm: Any, example: Any) -> None:
             in_shape = tuple(data.meta["tensor_meta"].shape)
             call = (torch.reshape, (data, tuple(in_shape[i] if v == 0 else v for i, v in enumerate(target))), {})
         elif kind in ("OnnxResize", "OnnxResizeV10"):
+            from onnx2torch.node_converters.resize import _onnx_mode_to_torch_mode  # the module's own mapping
+
             resize = getattr(module, "_resize", module)
             size = tuple(int(d) for d in node.meta["tensor_meta"].shape[2:])
-            modes = {("nearest", 1): "nearest", ("nearest", 2): "nearest", ("linear", 1): "linear",
-                     ("linear", 2): "bilinear", ("linear", 3): "trilinear", ("cubic", 2): "bicubic"}
-            mode = modes.get((resize.onnx_mode, len(size)))
-            if mode is None:
+            try:
+                mode = _onnx_mode_to_torch_mode(resize.onnx_mode, len(size))
+            except NotImplementedError:
                 continue
             call = (torch.nn.functional.interpolate, (data,),
                     {"size": size, "mode": mode, "align_corners": resize.align_corners})
