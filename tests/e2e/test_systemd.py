@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from edged.cli_install import unit_text
+from edged.cli.install import unit_text
 from tests.helpers import REPO, free_port, http, start_daemon
 from tests.unit.tiny_model import write_tiny_bundle
 
@@ -219,7 +219,7 @@ def test_install_dry_run_prints_every_step_and_writes_nothing(tmp_path):
 def test_install_steps_are_idempotent_and_keep_config_edits(tmp_path, capsys):
     """The real install plan against temporary directories; external commands
     other than `install -d` are recorded, not run (no systemd as PID 1 here)."""
-    from edged import cli_install
+    from edged.cli import install as cli_install
 
     user = pwd.getpwuid(os.getuid()).pw_name
     ran: list[list[str]] = []

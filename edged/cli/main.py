@@ -14,6 +14,7 @@ import numpy as np
 import typer
 
 from edged import __version__
+from edged.cli.bundle import bundle_app
 from edged.errors import EdgedError
 
 app = typer.Typer(
@@ -23,7 +24,6 @@ app = typer.Typer(
     add_completion=False,
 )
 models_app = typer.Typer(help="Ask a running daemon about its models.", no_args_is_help=True)
-bundle_app = typer.Typer(help="Inspect and verify model bundles (directories or .tar.gz).", no_args_is_help=True)
 profiles_app = typer.Typer(help="Hardware profiles (hw-profiles/*.toml): what each target runs.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(bundle_app, name="bundle")
@@ -37,7 +37,7 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-from edged.cli_install import install, uninstall  # noqa: E402
+from edged.cli.install import install, uninstall  # noqa: E402
 
 app.command()(install)
 app.command()(uninstall)
@@ -161,31 +161,6 @@ def infer(
             typer.echo(f"top-1: {', '.join(names)}")
 
 
-@bundle_app.command("inspect")
-def bundle_inspect(path: Path = typer.Argument(..., help="Bundle directory or .tar.gz.")) -> None:
-    """Print a bundle's manifest (without checking hashes)."""
-    from edged.bundle import open_bundle
-
-    try:
-        bundle = open_bundle(path, verify=False)
-    except EdgedError as exc:
-        _fail(str(exc))
-    typer.echo(bundle.manifest.to_json(), nl=False)
-
-
-@bundle_app.command("verify")
-def bundle_verify(path: Path = typer.Argument(..., help="Bundle directory or .tar.gz.")) -> None:
-    """Check the manifest and every file's size and sha256; exit 1 naming the first bad file."""
-    from edged.bundle import open_bundle
-
-    try:
-        bundle = open_bundle(path, verify=True)
-    except EdgedError as exc:
-        _fail(str(exc))
-    m = bundle.manifest
-    typer.echo(f"ok: {m.name} {m.version} ({m.runtime}), {len(m.files)} files verified")
-
-
 @profiles_app.command("list")
 def profiles_list() -> None:
     """List every profile with its default output and precision."""
@@ -257,10 +232,10 @@ def doctor() -> None:
         typer.echo(f"hw-profile: none ({exc})")
 
 
-from edged.cli_convert import convert as _convert  # noqa: E402  (heavy imports stay lazy inside)
+from edged.cli.convert import convert as _convert  # noqa: E402  (heavy imports stay lazy inside)
 app.command("convert")(_convert)
 
-from edged.cli_fleet import register as _register_fleet  # noqa: E402
+from edged.cli.fleet import register as _register_fleet  # noqa: E402
 
 _register_fleet(app, bundle_app)
 

@@ -1,0 +1,5 @@
+"""``python -m edged.cli``."""
+
+from edged.cli.main import app
+
+app()
