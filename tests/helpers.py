@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +26,74 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def end_process_group(proc: subprocess.Popen, first: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+    """End ``proc`` (started with ``start_new_session=True``) and everything in its
+    process group, whatever state it is in: ``first``, then SIGKILL after ``timeout``.
+    SIGTERM and SIGKILL reach it even where the test run itself ignores SIGINT
+    (``make test &``)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, first)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers in its group, or the process itself
+    except (ProcessLookupError, PermissionError):
+        pass
+    return proc.wait()
+
+
+class LineReader:
+    """Reads a text stream line by line on a thread, so a test can wait for a line
+    with a bound instead of sleeping and hoping the process was fast enough."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in iter(stream.readline, ""):
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> bool:
+        """True once a line containing ``text`` was read; False at the end of the
+        stream or after ``timeout`` seconds."""
+        if any(text in line for line in self.lines):
+            return True
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                return False
+            if line is None:
+                self._queue.put(None)  # the stream stays ended for later calls
+                return False
+            self.lines.append(line)
+            if text in line:
+                return True
+        return False
+
+    def text(self, timeout: float = 10.0) -> str:
+        """Everything read so far (after waiting up to ``timeout`` for the stream to end)."""
+        self._thread.join(timeout)
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                self.lines.append(line)
+        return "".join(self.lines)
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, bytes, dict[str, str]]:

@@ -202,7 +202,7 @@ def fleet_publish(
 
 def fleet_status(
     group: Optional[str] = typer.Option(None, "--group", "-g", help="Only devices in this group."),
-    watch: bool = typer.Option(False, "--watch", "-w", help="Keep the table live until Ctrl-C."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Keep the table live until Ctrl-C (into a pipe or file: print it again on each change)."),
     as_json: bool = typer.Option(False, "--json", help="Print rows as JSON instead of a table."),
     wait: float = typer.Option(2.0, "--wait", help="Seconds to gather retained statuses before printing."),
     broker: str = BROKER_OPTION,
@@ -226,14 +226,17 @@ def fleet_status(
         if as_json:
             typer.echo(json.dumps([r.to_dict() for r in collector.snapshot(group)], indent=2))
             return
-        if not watch:
-            from rich.console import Console
+        from rich.console import Console
 
-            Console().print(_table(collector.snapshot(group), group))
+        console = Console()
+        if not watch:
+            console.print(_table(collector.snapshot(group), group))
             return
+        if not console.is_terminal:
+            _print_changes(collector, group, console)
         from rich.live import Live
 
-        with Live(_table(collector.snapshot(group), group), refresh_per_second=2) as live:
+        with Live(_table(collector.snapshot(group), group), console=console, refresh_per_second=2) as live:
             while True:
                 time.sleep(0.5)
                 live.update(_table(collector.snapshot(group), group))
@@ -241,6 +244,20 @@ def fleet_status(
         pass
     finally:
         collector.stop()
+
+
+def _print_changes(collector, group: Optional[str], console) -> None:
+    """`--watch` into a file or pipe (no terminal to redraw): print the table
+    again each time the devices' rows change, until Ctrl-C."""
+    shown = None
+    while True:
+        rows = collector.snapshot(group)
+        current = json.dumps([r.to_dict() for r in rows], sort_keys=True, default=str)
+        if current != shown:
+            console.print(_table(rows, group))
+            console.file.flush()
+            shown = current
+        time.sleep(0.5)
 
 
 def _table(rows, group: Optional[str]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import platform
@@ -93,6 +94,9 @@ def serve(
     try:
         asyncio.run(daemon.run())
     except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            _fail(f"cannot start: port {cfg.http.port} on {cfg.http.host} is already in use (another edged?); "
+                  f"pick another with EDGED_HTTP_PORT=PORT or `port` under [http] in edged.toml", 1)
         _fail(f"cannot start: {exc}", 1)
 
 

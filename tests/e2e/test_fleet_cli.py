@@ -8,11 +8,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -22,7 +24,7 @@ from edged.bundle import safe_extract
 from edged.errors import SignatureError
 from edged.fleet import read_archive_manifest
 from edged.signing import trusted_keys, verify_bundle_signature
-from tests.helpers import REPO, free_port
+from tests.helpers import REPO, LineReader, end_process_group, free_port
 
 
 def edged(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -46,13 +48,24 @@ def _subscribe(port: int, topic: str) -> tuple[mqtt.Client, list, threading.Even
     return client, got, event
 
 
-def _retained(port: int, topic: str, wait: float = 1.0) -> list:
-    """The retained messages a fresh subscriber gets within ``wait`` seconds."""
+def _retained(port: int, topic: str, timeout: float = 60.0) -> list:
+    """The retained messages a fresh subscriber to ``topic`` gets. The broker sends
+    them right after the SUBACK; a marker published after the SUBACK to a topic of
+    our own arrives after all of them, so no fixed wait is needed."""
+    marker = f"edged-test/marker/{uuid.uuid4().hex}"
     client, got, _ = _subscribe(port, topic)
-    time.sleep(wait)
-    client.loop_stop()
-    client.disconnect()
-    return [m for m in got if m.retain]
+    subscribed, done = threading.Event(), threading.Event()
+    client.on_subscribe = lambda c, u, mid, codes, props: subscribed.set()
+    client.message_callback_add(marker, lambda c, u, m: done.set())
+    try:
+        client.subscribe(marker, qos=1)
+        assert subscribed.wait(timeout), "no SUBACK from the broker"
+        client.publish(marker, b"end", qos=1)
+        assert done.wait(timeout), "the marker message never came back"
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return [m for m in got if m.retain and m.topic != marker]
 
 
 def _publish_retained(port: int, items: dict[str, dict]) -> None:
@@ -60,7 +73,7 @@ def _publish_retained(port: int, items: dict[str, dict]) -> None:
     pub.connect("127.0.0.1", port)
     pub.loop_start()
     for topic, body in items.items():
-        pub.publish(topic, json.dumps(body), qos=1, retain=True).wait_for_publish(5)
+        pub.publish(topic, json.dumps(body), qos=1, retain=True).wait_for_publish(60)
     pub.loop_stop()
     pub.disconnect()
 
@@ -230,7 +243,7 @@ def test_status(mqtt_broker):
         "edged/dev7/ota/status": {"device": "dev7", "groups": ["g2"], "models": {
             "digits": {"active": "1.0.0", "state": "refused", "target": "0.9.0", "reason": "downgrade"}}},
     })
-    result = edged("fleet", "status", "--group", "g1", "--json", "--wait", "1", "--broker", broker)
+    result = edged("fleet", "status", "--group", "g1", "--json", "--wait", "3", "--broker", broker)
     assert result.returncode == 0, result.stderr
     rows = {r["device"]: r for r in json.loads(result.stdout)}
     assert sorted(rows) == ["dev8", "dev9"]
@@ -238,29 +251,37 @@ def test_status(mqtt_broker):
     assert rows["dev9"]["models"]["digits"] == {"active": "1.0.0", "state": "downloading", "target": "2.0.0",
                                                 "reason": "", "progress": {"bytes": 5, "total": 10}}
     assert rows["dev8"]["online"] == "offline" and rows["dev8"]["models"]["digits"]["active"] == "1.0.0"
-    everyone = json.loads(edged("fleet", "status", "--json", "--wait", "1", "--broker", broker).stdout)
+    everyone = json.loads(edged("fleet", "status", "--json", "--wait", "3", "--broker", broker).stdout)
     assert {"dev7", "dev8", "dev9"} <= {r["device"] for r in everyone}
     assert json.loads(edged("fleet", "status", "--group", "other", "--json", "--wait", "0.5", "--broker", broker).stdout) == []
-    table = edged("fleet", "status", "--group", "g2", "--wait", "1", "--broker", broker)
+    table = edged("fleet", "status", "--group", "g2", "--wait", "3", "--broker", broker)
     assert table.returncode == 0 and "dev7" in table.stdout and "refused" in table.stdout and "downgrade" in table.stdout
-    table = edged("fleet", "status", "--group", "g1", "--wait", "1", "--broker", broker)
+    table = edged("fleet", "status", "--group", "g1", "--wait", "3", "--broker", broker)
     assert "dev9" in table.stdout and "downloading" in table.stdout and "50%" in table.stdout
     dead = edged("fleet", "status", "--wait", "0", "--broker", f"127.0.0.1:{free_port()}")
     assert dead.returncode != 0 and "cannot reach the MQTT broker" in dead.stderr
 
 
 def test_status_watch_is_live(mqtt_broker):
+    """`--watch` into a pipe prints the table again when a device's status arrives,
+    and Ctrl-C ends it cleanly. Each step waits for what the watcher printed (bounds
+    met only on failure); the process runs in its own group and is ended by
+    SIGTERM/SIGKILL whatever happens, even where `make test &` ignores SIGINT."""
     port = mqtt_broker.port
-    proc = subprocess.Popen([sys.executable, "-m", "edged.cli", "fleet", "status", "--group", "live", "--watch",
-                             "--wait", "0.2", "--broker", f"127.0.0.1:{port}"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "200"})
+    # `env --default-signal=INT`: SIGINT acts as at a terminal even when this test
+    # run was started in the background, where it is inherited as ignored.
+    proc = subprocess.Popen(["env", "--default-signal=INT", sys.executable, "-m", "edged.cli", "fleet", "status",
+                             "--group", "live", "--watch", "--wait", "0.2", "--broker", f"127.0.0.1:{port}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"}, start_new_session=True)
     try:
-        time.sleep(1.5)
+        out = LineReader(proc.stdout)
+        assert out.wait_for("(0 devices)", 120), proc.stderr.read() if proc.poll() is not None else out.text(0)
         _publish_retained(port, {"edged/devL/ota/status": {"device": "devL", "groups": ["live"], "models": {
             "digits": {"active": "2.0.0", "state": "active"}}}})
-        time.sleep(1.5)
+        assert out.wait_for("devL", 60), out.text(0)
+        assert out.wait_for("(1 devices)", 5), out.text(0)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(60) == 0, proc.stderr.read()
     finally:
-        proc.send_signal(2)  # Ctrl-C
-        out, err = proc.communicate(timeout=10)
-    assert proc.returncode == 0, err
-    assert b"devL" in out
+        end_process_group(proc)
