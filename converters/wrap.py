@@ -1,0 +1,419 @@
+"""``edged bundle create``: wrap a model file as it is into a bundle the daemon serves.
+
+Nothing is converted. An ONNX model (fp32, fp16 or already quantized,
+``com.microsoft`` operators included), a ``.tflite`` model or an OpenVINO IR
+(``.xml`` with its ``.bin`` beside it) is copied into the bundle. Every tensor
+spec comes from edged's own runtime reading the model. ``samples.npz`` holds
+inputs (from a samples file, else generated to fit each input) and the outputs
+this model gives on them through ``edged.model.LoadedModel``, as the daemon
+runs it; the tolerance is tight because the reference is the model itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import sys
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from converters.wrap_samples import (
+    WrapError, generate_samples, load_samples, parse_input_shapes, quoted, stack_samples, stackable,
+)
+from edged.bundle import NAME, SEMVER, Bundle, Manifest, open_bundle, sha256_file, write_bundle
+from edged.errors import EdgedError
+from edged.tensors import NUMPY_TO_V2, TensorSpec
+
+__all__ = ["WrapError", "WrapOptions", "WrapResult", "parse_input_shapes", "parse_layouts", "wrap_model"]
+
+# suffix -> (runtime, model file name inside the bundle)
+FORMATS = {".onnx": ("onnx", "model.onnx"), ".tflite": ("tflite", "model.tflite"), ".xml": ("openvino", "model.xml")}
+_ONNX_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                   "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QGemm",
+                   "QAttention", "QOrderedMatMul", "GatherBlockQuantized"}
+
+
+@dataclass
+class WrapOptions:
+    """What ``edged bundle create`` takes besides the model path."""
+
+    name: str | None = None
+    version: str = "1.0.0"
+    labels: Path | None = None
+    hw_profile: str | None = None
+    layouts: dict[str, str] = field(default_factory=dict)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # "" = the only input
+    samples: Path | None = None
+    out: Path = Path("bundles")
+
+
+@dataclass
+class WrapResult:
+    bundle: Bundle
+    library: str
+    precision: str
+    samples_note: str
+    notes: list[str]
+
+
+@dataclass
+class ModelFiles:
+    source: Path
+    runtime: str
+    model_file: str
+    files: dict[str, Path]  # name inside the bundle -> source file
+
+
+# ----------------------------------------------------------------- options
+
+
+def parse_layouts(values: list[str]) -> dict[str, str]:
+    """``name=NCHW`` (repeatable)."""
+    layouts: dict[str, str] = {}
+    for value in values:
+        name, sep, layout = value.rpartition("=")
+        layout = layout.strip().upper()
+        if not sep or not name.strip() or not re.fullmatch(r"[A-Z]*", layout) or len(set(layout)) != len(layout):
+            raise WrapError(f"--layout {value!r}: expected NAME=LETTERS with no letter twice, e.g. input=NCHW")
+        layouts[name.strip()] = layout
+    return layouts
+
+
+def default_name(path: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem).lstrip("-_.")[:128]
+    return name or "model"
+
+
+def read_labels(path: Path) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WrapError(f"--labels {path}: cannot read ({exc})") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise WrapError(f"--labels {path}: the file has no labels (one per line)")
+    return [line.strip() for line in lines]
+
+
+def resolve_profile(name: str | None, runtime: str) -> tuple[str, list[str]]:
+    """The hw_profile to record: the given one (validated), else this machine's
+    detected profile, else generic-x86 / generic-arm64 by architecture."""
+    from edged import profiles
+
+    notes: list[str] = []
+    if name:
+        profile = profiles.get_profile(name)  # ProfileError names the known ones
+    else:
+        try:
+            profile = profiles.get_profile(profiles.detect())
+        except profiles.ProfileError:
+            arch = platform.machine().lower()
+            fallback = "generic-arm64" if arch in ("aarch64", "arm64") else "generic-x86"
+            profile = profiles.get_profile(fallback)
+            notes.append(f"no hw-profile matches this machine; recorded {fallback}")
+    if runtime not in profile.preference:
+        notes.append(f"profile {profile.name} does not list {runtime} among its runtimes ({', '.join(profile.preference)})")
+    return profile.name, notes
+
+
+# ------------------------------------------------------------------- model
+
+
+def model_files(path: Path) -> ModelFiles:
+    """The runtime and the files that make up the model at ``path``."""
+    path = Path(path)
+    if not path.exists():
+        raise WrapError(f"{path}: no such file")
+    if not path.is_file():
+        raise WrapError(f"{path}: not a file; expected a .onnx, .tflite or OpenVINO .xml model")
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise WrapError(
+            f"{path.name}: unknown model format {suffix or '(no suffix)'}; expected .onnx, .tflite or OpenVINO .xml + .bin"
+        )
+    runtime, model_file = FORMATS[suffix]
+    files = {model_file: path}
+    if runtime == "openvino":
+        weights = path.with_suffix(".bin")
+        if not weights.is_file():
+            raise WrapError(f"{path.name}: an OpenVINO IR needs its weights {weights.name} beside it")
+        files["model.bin"] = weights
+    elif runtime == "tflite":
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+        if head[4:8] != b"TFL3":
+            raise WrapError(f"{path.name}: not a TFLite model (no TFL3 flatbuffer identifier)")
+    else:
+        for rel in _onnx_external_data(path):
+            if rel in files or rel in ("manifest.json", "samples.npz"):
+                raise WrapError(f"{path.name}: external data file {rel!r} clashes with a bundle file name")
+            files[rel] = path.parent / rel
+    return ModelFiles(source=path, runtime=runtime, model_file=model_file, files=files)
+
+
+def _read_onnx(path: Path) -> Any:
+    """The ONNX graph without external weights, or None (no onnx package, unreadable)."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf's DecodeError and friends; the runtime names the problem
+        return None
+
+
+def _onnx_external_data(path: Path) -> list[str]:
+    model = _read_onnx(path)
+    if model is None:
+        return []
+    found: list[str] = []
+    for tensor in model.graph.initializer:
+        if tensor.data_location != 1:  # TensorProto.EXTERNAL
+            continue
+        rel = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        where = Path(rel)
+        if not rel or where.is_absolute() or ".." in where.parts:
+            raise WrapError(f"{path.name}: external data location {rel!r} is not a file beside the model")
+        if not (path.parent / rel).is_file():
+            raise WrapError(f"{path.name}: external data file {rel} is missing beside the model")
+        if rel not in found:
+            found.append(rel)
+    return found
+
+
+def model_precision(files: ModelFiles, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> str:
+    """int8 (quantized tensors or operators), fp16 (float16 weights) or fp32;
+    best effort, "unknown" when the model cannot be inspected."""
+    found: set[str] = set()
+    if files.runtime == "onnx":
+        model = _read_onnx(files.source)
+        if model is not None:
+            for node in model.graph.node:
+                op = node.op_type
+                if op in _ONNX_QUANT_OPS or op.startswith("QLinear") or (node.domain == "com.microsoft" and op.startswith("Q")):
+                    found.add("int8")
+            codes = {t.data_type for t in model.graph.initializer}
+            found |= {"int8"} if codes & {2, 3, 21, 22} else set()  # UINT8, INT8, UINT4, INT4
+            found |= {"fp16"} if codes & {10, 16} else set()  # FLOAT16, BFLOAT16
+            found.add("fp32")
+    elif files.runtime == "tflite":
+        from edged.runtimes.tflite import _interpreter_class
+
+        interpreter = _interpreter_class()(model_path=str(files.source))
+        for detail in interpreter.get_tensor_details():
+            dtype = np.dtype(detail["dtype"])
+            found.add("int8" if dtype.kind in "iu" and detail["quantization"][0] else "fp16" if dtype == np.float16 else "fp32")
+    else:
+        import xml.etree.ElementTree as ET
+
+        for layer in ET.parse(files.source).getroot().iter("layer"):
+            data = layer.find("data")
+            kind = data.get("element_type", "") if data is not None else ""
+            if layer.get("type") == "FakeQuantize" or (layer.get("type") == "Const" and kind in ("i8", "u8", "i4", "u4")):
+                found.add("int8")
+            elif layer.get("type") == "Const" and kind in ("f16", "bf16"):
+                found.add("fp16")
+        found.add("fp32")
+    if any(s.quantization is not None for s in inputs + outputs):
+        found.add("int8")
+    for precision in ("int8", "fp16", "fp32"):
+        if precision in found:
+            return precision
+    return "unknown"
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Hold back what C++ libraries print on fd 2 while models load and run
+    (onnxruntime's error log, TFLite's INFO lines): a failure reaches the user
+    as one error line that carries the library's message."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        saved = -1
+    if saved < 0:
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def read_specs(runtime: Any, files: ModelFiles) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Load the model once with edged's runtime and read its tensors."""
+    from edged.runtimes import RuntimeOptions
+
+    try:
+        runtime.load(str(files.source), RuntimeOptions())
+    except Exception as exc:  # each library raises its own error types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WrapError(f"{files.source.name}: not a valid {files.runtime} model ({first})") from None
+    try:
+        inputs, outputs = list(runtime.inputs), list(runtime.outputs)
+    finally:
+        runtime.unload()
+    if not inputs or not outputs:
+        raise WrapError(f"{files.source.name}: the model has no inputs or no outputs")
+    for spec in inputs + outputs:
+        if spec.dtype not in NUMPY_TO_V2:
+            raise WrapError(f"tensor {spec.name}: dtype {spec.dtype} cannot be served over KServe V2")
+    return inputs, outputs
+
+
+def image_layout(spec: TensorSpec, runtime: str) -> str:
+    """NCHW or NHWC for a 4-D input, from where a 1/3/4-channel dim sits."""
+    if len(spec.shape) != 4:
+        return ""
+    chw, hwc = spec.shape[1] in (1, 3, 4), spec.shape[3] in (1, 3, 4)
+    if chw != hwc:
+        return "NCHW" if chw else "NHWC"
+    return "NHWC" if runtime == "tflite" else "NCHW"
+
+
+def apply_layouts(inputs: list[TensorSpec], outputs: list[TensorSpec], layouts: dict[str, str],
+                  runtime: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    known = {s.name: s for s in inputs + outputs}
+    for name, layout in layouts.items():
+        if name not in known:
+            raise WrapError(f"--layout {name}={layout}: the model has no tensor {name!r}; it has {quoted(known)}")
+        if len(layout) != len(known[name].shape):
+            raise WrapError(f"--layout {name}={layout}: {name} has rank {len(known[name].shape)} (shape {list(known[name].shape)})")
+    return (
+        [replace(s, layout=layouts.get(s.name, image_layout(s, runtime))) for s in inputs],
+        [replace(s, layout=layouts.get(s.name, "")) for s in outputs],
+    )
+
+
+# -------------------------------------------------------------------- wrap
+
+
+def run_reference(root: Path, manifest: Manifest, files: dict[str, Path], call: dict[str, np.ndarray],
+                  count: int, samples: list[dict[str, np.ndarray]], hint: str,
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """Write a scratch bundle under ``root``, load it with LoadedModel as the
+    daemon does and run ``call`` (``count`` samples); a batch the model
+    refuses falls back to the first sample. Returns (inputs, outputs, count)."""
+    from edged.model import LoadedModel
+    from edged.runtimes import RuntimeOptions
+
+    trial = write_bundle(root / "bundle", manifest, files, {}, {})
+    model = LoadedModel.load(open_bundle(trial.root), RuntimeOptions(), warmup=0)
+    try:
+        try:
+            return call, model.infer(call), count
+        except EdgedError as exc:
+            if count == 1:
+                raise WrapError(f"the model failed on the sample inputs{hint}: {exc}") from None
+        single = dict(samples[0])
+        try:
+            return single, model.infer(single), 1
+        except EdgedError as exc:
+            raise WrapError(f"the model failed on the sample inputs{hint}: {exc}") from None
+    finally:
+        model.unload()
+
+
+def check_outputs(outputs: dict[str, np.ndarray], specs: list[TensorSpec]) -> None:
+    for spec in specs:
+        array = outputs.get(spec.name)
+        if not isinstance(array, np.ndarray) or array.dtype.name not in NUMPY_TO_V2:
+            what = type(array).__name__ if not isinstance(array, np.ndarray) else f"dtype {array.dtype}"
+            raise WrapError(f"output {spec.name} is not a numeric tensor ({what}); edged serves tensors only")
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            raise WrapError(f"output {spec.name} has NaN or Inf on the sample inputs; pass --samples with real inputs")
+
+
+def tolerance(outputs: dict[str, np.ndarray], specs: list[TensorSpec]) -> dict[str, float]:
+    """Tight: 1e-4 of the widest output range, at least one quantization step
+    of a quantized output (kernels may round differently on another CPU)."""
+    spread, step = 0.0, 0.0
+    for spec in specs:
+        array = outputs[spec.name].astype(np.float64)
+        if array.size:
+            spread = max(spread, float(array.max() - array.min()))
+        if spec.quantization is not None:
+            step = max(step, 1.0 if outputs[spec.name].dtype.kind in "iu" else spec.quantization.scale)
+    return {"atol": float(max(1e-4 * spread, step, 1e-6)), "rtol": 1e-4}
+
+
+def wrap_model(path: Path, options: WrapOptions) -> WrapResult:
+    """Write ``options.out / name``: the model as is, its specs, samples and provenance."""
+    from edged import __version__
+    from edged.runtimes import create_runtime, runtime_versions
+
+    files = model_files(path)
+    name = options.name or default_name(files.source)
+    if not NAME.match(name):
+        raise WrapError(f"--name {name!r}: must match {NAME.pattern}")
+    if not SEMVER.match(options.version):
+        raise WrapError(f"--version {options.version!r} is not semver (MAJOR.MINOR.PATCH)")
+    if options.samples and options.input_shapes:
+        raise WrapError("--input-shape shapes generated samples; with --samples the shapes come from the file")
+    labels = read_labels(options.labels) if options.labels else None
+    hw_profile, notes = resolve_profile(options.hw_profile, files.runtime)
+    runtime = create_runtime(files.runtime)  # RuntimeUnavailable names the pip extra
+    library = runtime_versions().get(files.runtime) or files.runtime
+    with quiet_native_stderr():
+        inputs, outputs = apply_layouts(*read_specs(runtime, files), options.layouts, files.runtime)
+    if options.samples:
+        samples, samples_note = load_samples(options.samples, inputs)
+        hint = f" from {Path(options.samples).name}"
+    else:
+        samples, samples_note = generate_samples(inputs, options.input_shapes)
+        hinted = {inputs[0].name} if "" in options.input_shapes else set(options.input_shapes)
+        dynamic = [s.name for s in inputs if -1 in s.shape[1:] and s.name not in hinted]
+        if dynamic:
+            notes.append(f"dynamic dims of {quoted(dynamic)} set to 1 in the generated samples; "
+                         "pass --input-shape NAME=DIMS or --samples for realistic ones")
+        hint = (" (generated; pass --samples with real inputs"
+                + (f", or --input-shape for the dynamic dims of {quoted(dynamic)})" if dynamic else ")"))
+    call, count = stack_samples(samples, inputs)
+    precision = model_precision(files, inputs, outputs)
+    if labels and not any(len(labels) in s.shape for s in outputs):
+        notes.append(f"{len(labels)} labels but no output has a dim of that size")
+    sources = {src.name: sha256_file(src) for src in files.files.values()}
+    manifest = Manifest(
+        name=name, version=options.version, runtime=files.runtime, model_file=files.model_file,
+        inputs=inputs, outputs=outputs, hw_profile=hw_profile, labels=labels,
+        provenance={
+            "tool": "edged bundle create", "edged_version": __version__,
+            "source": files.source.name, "source_sha256": sources[files.source.name],
+            **({"source_files": sources} if len(sources) > 1 else {}),
+            "runtime_library": library, "precision": precision,
+            "conversion": "none: the model is served as is (precision as found in the file, best effort)",
+        },
+    )
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-create-", dir=out))
+    try:
+        with quiet_native_stderr():
+            call, expected, used = run_reference(scratch, manifest, files.files, call, count, samples, hint)
+        check_outputs(expected, outputs)
+        samples_note += f"; samples.npz holds {used} sample{'s' * (used != 1)}"
+        if used < count:
+            samples_note += f" (the model refused a batch of {count})"
+        elif len(samples) > 1 and not stackable(samples[0], inputs):
+            samples_note += " (one call: the inputs do not stack along dim 0)"
+        manifest.provenance["samples"] = samples_note
+        manifest.tolerance = tolerance(expected, outputs)
+        manifest.validation = {"samples": used, "reference": "the model itself, wrapped as is"}
+        bundle = write_bundle(out / name, manifest, files.files, call, expected)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return WrapResult(bundle=bundle, library=library, precision=precision, samples_note=samples_note, notes=notes)
