@@ -19,28 +19,12 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from edged.bundle import Bundle, Manifest, open_bundle, sha256_file, write_bundle
-from edged.errors import EdgedError
+from converters.data import ModelInput, Samples, as_samples, rename_feed
+from converters.errors import ConversionError, ConverterUnavailable, UnsupportedOp
 from edged.tensors import TensorSpec
 
 SAMPLE_COUNT = 8
-
-
-class ConverterUnavailable(EdgedError):
-    """The library a converter needs is not installed."""
-
-    code = "converter_unavailable"
-
-
-class ConversionError(EdgedError):
-    """The source model cannot be converted (not a model, unsupported, failed)."""
-
-    code = "conversion_failed"
-
-
-class UnsupportedOp(ConversionError):
-    """The source model uses an operator the converter does not handle."""
-
-    code = "unsupported_op"
+Feed = dict[str, np.ndarray]
 
 
 @dataclass
@@ -56,6 +40,17 @@ class BundleInfo:
     validation_x: np.ndarray | None = None
     validation_y: np.ndarray | None = None
     extra_provenance: dict[str, Any] = field(default_factory=dict)
+    validation: Samples | None = None  # takes the place of validation_x / validation_y
+
+    def held_out(self, inputs: list[TensorSpec]) -> Samples | None:
+        if self.validation is not None:
+            return self.validation
+        if self.validation_x is None:
+            return None
+        first = ModelInput(inputs[0].name, tuple(inputs[0].shape), "float32")
+        samples = as_samples(np.asarray(self.validation_x, dtype=np.float32), [first])
+        samples.labels = None if self.validation_y is None else np.asarray(self.validation_y).reshape(-1)
+        return samples
 
 
 class Converter(Protocol):
@@ -70,7 +65,7 @@ class Converter(Protocol):
         self,
         source: Path,
         profile: Any,
-        calibration: np.ndarray,
+        calibration: Samples | np.ndarray,  # Samples, or an [N, ...] array for one input
         *,
         dest: Path,
         info: BundleInfo,
@@ -119,15 +114,21 @@ def onnx_io_names(model: Any) -> tuple[list[str], list[str]]:
     return inputs, [o.name for o in model.graph.output]
 
 
-def onnx_reference(source: Path, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Outputs of the float source model, by onnxruntime."""
-    ort = require("onnxruntime", "convert-onnx", "running the fp32 source model")
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    session = ort.InferenceSession(str(source), sess_options=so, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+def onnx_reference(source: Path) -> Callable[[Feed], Feed]:
+    """One call of the float source model by onnxruntime: feed -> outputs by name."""
+    from converters.source import source_session
+
+    session = source_session(Path(source))
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, {name: x.astype(np.float32)})))
+    return lambda feed: dict(zip(names, session.run(names, feed)))
+
+
+def onnx_model_inputs(model: Any) -> list[ModelInput]:
+    """The graph inputs (not initializers) of an ONNX model."""
+    from converters.source import _model_input
+
+    inits = {i.name for i in model.graph.initializer}
+    return [_model_input(vi) for vi in model.graph.input if vi.name not in inits]
 
 
 def profile_name(info: BundleInfo, profile: Any) -> str:
@@ -142,10 +143,6 @@ def profile_option(profile: Any, runtime: str, key: str, default: Any) -> Any:
     return profile.runtime_options(runtime).get(key, default)
 
 
-def _top1(a: np.ndarray) -> np.ndarray:
-    return np.asarray(a).reshape(len(a), -1).argmax(axis=1)
-
-
 def finish_bundle(
     *,
     dest: Path,
@@ -156,27 +153,34 @@ def finish_bundle(
     files: dict[str, Path],
     inputs: list[TensorSpec],
     outputs: list[TensorSpec],
-    calibration: np.ndarray,
-    reference: Callable[[np.ndarray], dict[str, np.ndarray]],
+    calibration: Samples,
+    reference: Callable[[Feed], Feed],
     source: Path,
     provenance: dict[str, Any],
 ) -> Bundle:
     """Write the bundle: samples from held-out data with the SOURCE model's
-    outputs, a tolerance that the converted model meets on them, validation
-    (fp32 vs converted accuracy and top-1 agreement) and provenance.
+    outputs (``reference`` runs one call of it), a tolerance that the converted
+    model meets on them, and provenance.
 
     The model is first written to a scratch bundle and run through
     ``edged.model.LoadedModel`` exactly as the daemon would, then the final
-    bundle is written atomically to ``dest``.
+    bundle is written atomically to ``dest``. The full validation against
+    the source is ``converters.report``'s job.
     """
     from edged.model import LoadedModel
     from edged.runtimes import RuntimeOptions
 
-    held_out = info.validation_x if info.validation_x is not None else calibration
-    held_out = np.asarray(held_out, dtype=np.float32)
-    sample_x = held_out[:SAMPLE_COUNT]
-    in_name = inputs[0].name
-    sample_ref = reference(sample_x)
+    held_out = info.held_out(inputs)
+    if held_out is None:
+        held_out = calibration
+    sample_in = _daemon_samples(held_out.head(SAMPLE_COUNT))
+    refs = [_rename(reference(feed), outputs) for feed in sample_in]
+    if sample_in.batchable and all(np.ndim(v) and np.shape(v)[0] == 1 for v in refs[0].values()):
+        sample_ref = {k: np.concatenate([r[k] for r in refs]) for k in refs[0]}
+        feed = sample_in.stacked()
+    else:
+        sample_ref, feed = refs[0], sample_in.sample(0)
+    feed = rename_feed(feed, [s.name for s in inputs])
     manifest = Manifest(
         name=info.name, version=info.version, runtime=runtime, model_file=model_file,
         inputs=inputs, outputs=outputs, hw_profile=profile_name(info, profile),
@@ -192,33 +196,64 @@ def finish_bundle(
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{info.name}-check-", dir=Path(dest).parent))
     try:
-        trial = write_bundle(scratch / "bundle", manifest, files, {in_name: sample_x}, sample_ref)
+        trial = write_bundle(scratch / "bundle", manifest, files, feed, sample_ref)
         model = LoadedModel.load(open_bundle(trial.root), RuntimeOptions(), warmup=0)
         try:
-            got = model.infer({in_name: sample_x})
-            worst = max(
-                float(np.max(np.abs(got[k].astype(np.float64) - v.astype(np.float64))))
-                for k, v in sample_ref.items()
-            )
-            validation: dict[str, Any] = {"samples": int(len(held_out)), "max_abs_error_samples": worst}
-            ref_all = reference(held_out)
-            conv_all = model.infer({in_name: held_out})
-            first = outputs[0].name
-            ref_top, conv_top = _top1(ref_all[first]), _top1(conv_all[first])
-            validation["top1_agreement"] = float(np.mean(ref_top == conv_top))
-            validation["max_abs_error"] = float(
-                np.max(np.abs(ref_all[first].astype(np.float64) - conv_all[first].astype(np.float64)))
-            )
-            if info.validation_y is not None:
-                y = np.asarray(info.validation_y).reshape(-1)
-                validation["accuracy_fp32"] = float(np.mean(ref_top == y))
-                validation["accuracy_converted"] = float(np.mean(conv_top == y))
+            got = model.infer(feed)
+            validation = _validation(model, held_out, reference, inputs, outputs)
         finally:
             model.unload()
+        worst = max(
+            (float(np.max(np.abs(got[k].astype(np.float64) - v.astype(np.float64)), initial=0.0))
+             for k, v in sample_ref.items() if k in got),
+            default=0.0,
+        )
+        if not np.isfinite(worst):
+            raise ConversionError(f"{info.name}: the converted model gives NaN/Inf on the sample inputs")
         # Self-test passes with a 2x margin over the error seen on the samples.
         manifest.tolerance = {"atol": float(max(2.0 * worst, 1e-3)), "rtol": 0.0}
-        manifest.validation = validation
-        bundle = write_bundle(dest, manifest, files, {in_name: sample_x}, sample_ref)
+        manifest.validation = {**validation, "max_abs_error_samples": worst}
+        bundle = write_bundle(dest, manifest, files, feed, sample_ref)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return bundle
+
+
+def _validation(model: Any, held_out: Samples, reference: Callable[[Feed], Feed],
+                inputs: list[TensorSpec], outputs: list[TensorSpec]) -> dict[str, Any]:
+    """The converted model against the source on the held-out samples, one
+    call each: top-1 agreement (and accuracy with labels) of the first output,
+    cosine per output."""
+    from converters.metrics import compare_output
+    from converters.source import run_per_sample
+
+    names = [s.name for s in inputs]
+    ref = run_per_sample(lambda feed: _rename(reference(feed), outputs), held_out)
+    got = run_per_sample(lambda feed: model.infer(rename_feed(feed, names)), held_out)
+    first = outputs[0].name
+    head = compare_output(first, ref[first], got[first], classify=True, labels=held_out.labels)
+    validation: dict[str, Any] = {
+        "samples": int(len(held_out)),
+        "top1_agreement": head.top1_agreement,
+        "max_abs_error": head.max_abs_error,
+        "cosine": {o.name: compare_output(o.name, ref[o.name], got[o.name], classify=False).cosine
+                   for o in outputs if o.name in got},
+    }
+    if head.accuracy_source is not None:
+        validation["accuracy_fp32"] = head.accuracy_source
+        validation["accuracy_converted"] = head.accuracy_converted
+    return validation
+
+
+def _daemon_samples(samples: Samples) -> Samples:
+    """What samples.npz holds: up to SAMPLE_COUNT samples as one batch when
+    the inputs stack along dim 0, else the first call's inputs alone."""
+    return samples if samples.batchable else samples.head(1)
+
+
+def _rename(outputs: Feed, specs: list[TensorSpec]) -> Feed:
+    """Source outputs under the converted model's names: by name, else by position."""
+    names = [s.name for s in specs]
+    if set(names) <= set(outputs):
+        return {n: np.asarray(outputs[n]) for n in names}
+    return {n: np.asarray(v) for n, v in zip(names, outputs.values())}

@@ -25,11 +25,12 @@ from converters.base import (
     dist_version,
     finish_bundle,
     load_onnx,
-    onnx_io_names,
+    onnx_model_inputs,
     onnx_reference,
     profile_option,
     require,
 )
+from converters.data import Samples, as_samples
 from edged.bundle import Bundle
 from edged.tensors import TensorSpec
 
@@ -65,18 +66,16 @@ class OnnxQDQConverter:
         self.precision = precision
         self.per_channel = per_channel
 
-    def convert(self, source: Path, profile: Any, calibration: np.ndarray, *, dest: Path, info: BundleInfo) -> Bundle:
-        ort = require("onnxruntime", EXTRA, "the ONNX converter")
+    def convert(self, source: Path, profile: Any, calibration: Samples | np.ndarray, *, dest: Path,
+                info: BundleInfo) -> Bundle:
+        require("onnxruntime", EXTRA, "the ONNX converter")
         source = Path(source)
         model = load_onnx(source, EXTRA)
-        input_names, _ = onnx_io_names(model)
-        if len(input_names) != 1:
-            raise ConversionError(f"{source.name}: calibration supports one model input, found {len(input_names)}")
+        samples = as_samples(calibration, onnx_model_inputs(model))
         precision = self.precision or getattr(profile, "precision", None) or "int8"
         per_channel = self.per_channel if self.per_channel is not None else bool(
             profile_option(profile, "onnx", "per_channel", True)
         )
-        calibration = np.asarray(calibration, dtype=np.float32)
         tools = {"onnx": dist_version("onnx"), "onnxruntime": dist_version("onnxruntime")}
         provenance: dict[str, Any] = {"converter": self.name, "precision": precision, "tools": tools}
         dest = Path(dest)
@@ -98,7 +97,7 @@ class OnnxQDQConverter:
                 onnx.save(float16.convert_float_to_float16(model, keep_io_types=True), str(out))
                 tools["onnxconverter-common"] = dist_version("onnxconverter-common")
             elif precision == "int8":
-                self._quantize(ort, source, out, work, input_names[0], calibration, per_channel)
+                self._quantize(source, out, work, samples, per_channel)
                 provenance.update(
                     format="QDQ", activations="QUInt8", weights="QInt8",
                     per_channel=per_channel, calibration_method="MinMax",
@@ -110,15 +109,14 @@ class OnnxQDQConverter:
             inputs, outputs = onnx_specs(onnx.load(str(out)))
             return finish_bundle(
                 dest=dest, info=info, profile=profile, runtime="onnx", model_file="model.onnx",
-                files={"model.onnx": out}, inputs=inputs, outputs=outputs, calibration=calibration,
-                reference=lambda x: onnx_reference(source, x), source=source, provenance=provenance,
+                files={"model.onnx": out}, inputs=inputs, outputs=outputs, calibration=samples,
+                reference=onnx_reference(source), source=source, provenance=provenance,
             )
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
     @staticmethod
-    def _quantize(ort: Any, source: Path, out: Path, work: Path, input_name: str,
-                  calibration: np.ndarray, per_channel: bool) -> None:
+    def _quantize(source: Path, out: Path, work: Path, samples: Samples, per_channel: bool) -> None:
         from onnxruntime.quantization import (
             CalibrationDataReader,
             CalibrationMethod,
@@ -130,11 +128,10 @@ class OnnxQDQConverter:
 
         class Reader(CalibrationDataReader):
             def __init__(self) -> None:
-                self._batches = iter(calibration[i:i + 1] for i in range(len(calibration)))
+                self._feeds = iter(samples)
 
             def get_next(self) -> dict[str, np.ndarray] | None:
-                batch = next(self._batches, None)
-                return None if batch is None else {input_name: batch}
+                return next(self._feeds, None)
 
         # Per-channel QDQ writes DequantizeLinear with an ``axis`` attribute,
         # which needs opset 13; older exports (e.g. PaddleOCR's opset 11) are

@@ -22,10 +22,11 @@ from converters.base import (
     dist_version,
     finish_bundle,
     load_onnx,
-    onnx_io_names,
+    onnx_model_inputs,
     onnx_reference,
     require,
 )
+from converters.data import ModelInput, Samples, as_samples
 from edged.bundle import Bundle
 from edged.tensors import TensorSpec
 
@@ -53,23 +54,22 @@ class OpenVinoConverter:
         self.precision = precision
         self.batch = batch  # None: dynamic batch dimension
 
-    def convert(self, source: Path, profile: Any, calibration: np.ndarray, *, dest: Path, info: BundleInfo) -> Bundle:
+    def convert(self, source: Path, profile: Any, calibration: Samples | np.ndarray, *, dest: Path,
+                info: BundleInfo) -> Bundle:
         ov = require("openvino", EXTRA, "the OpenVINO converter")
         source = Path(source)
         model = load_onnx(source, EXTRA)
-        input_names, _ = onnx_io_names(model)
-        if len(input_names) != 1:
-            raise ConversionError(f"{source.name}: calibration supports one model input, found {len(input_names)}")
-        calibration = np.asarray(calibration, dtype=np.float32)
+        specs = onnx_model_inputs(model)
+        samples = as_samples(calibration, specs)
         precision = self.precision or getattr(profile, "precision", None) or "fp16"
-        shape = [self.batch or -1, *calibration.shape[1:]]
+        shapes = {spec.name: self._static_shape(spec, samples.arrays[spec.name].shape[1:]) for spec in specs}
         try:
-            ov_model = ov.convert_model(str(source), input=[(input_names[0], ov.PartialShape(shape))])
+            ov_model = ov.convert_model(str(source), input=[(n, ov.PartialShape(s)) for n, s in shapes.items()])
         except Exception as exc:
             raise ConversionError(f"{source.name}: openvino convert_model failed: {exc}") from None
         tools = {"openvino": dist_version("openvino"), "onnx": dist_version("onnx")}
         provenance: dict[str, Any] = {
-            "converter": self.name, "precision": precision, "input_shape": shape, "tools": tools,
+            "converter": self.name, "precision": precision, "input_shapes": shapes, "tools": tools,
         }
         if precision == "int8":
             try:
@@ -77,9 +77,9 @@ class OpenVinoConverter:
             except ConverterUnavailable:
                 raise
             tools["nncf"] = dist_version("nncf")
-            dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
+            dataset = nncf.Dataset(list(samples))
             try:
-                ov_model = nncf.quantize(ov_model, dataset, subset_size=len(calibration))
+                ov_model = nncf.quantize(ov_model, dataset, subset_size=len(samples))
             except Exception as exc:
                 raise ConversionError(f"{source.name}: nncf.quantize failed: {exc}") from None
             compress = False
@@ -96,19 +96,27 @@ class OpenVinoConverter:
             compiled = ov.Core().read_model(str(xml))
             inputs, outputs = _specs(compiled.inputs), _specs(compiled.outputs)
 
-            def reference(x: np.ndarray) -> dict[str, np.ndarray]:
-                try:
-                    return onnx_reference(source, x)
-                except ConverterUnavailable:
-                    fp32 = ov.Core().compile_model(str(source), "CPU")
-                    result = fp32({input_names[0]: x})
+            try:
+                reference = onnx_reference(source)
+            except ConverterUnavailable:  # no onnxruntime: OpenVINO runs the fp32 source
+                fp32 = ov.Core().compile_model(str(source), "CPU")
+
+                def reference(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                    result = fp32(feed)
                     return {p.get_any_name(): np.asarray(result[p]) for p in fp32.outputs}
 
             return finish_bundle(
                 dest=dest, info=info, profile=profile, runtime="openvino", model_file="model.xml",
                 files={"model.xml": xml, "model.bin": work / "model.bin"},
-                inputs=inputs, outputs=outputs, calibration=calibration, reference=reference,
+                inputs=inputs, outputs=outputs, calibration=samples, reference=reference,
                 source=source, provenance=provenance,
             )
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _static_shape(self, spec: ModelInput, sample_shape: tuple[int, ...]) -> list[int]:
+        """The shape of one call from the data; a dynamic batch dim 0 stays dynamic."""
+        shape = [int(d) for d in sample_shape]
+        if shape and spec.shape and spec.shape[0] < 0:
+            shape[0] = self.batch or -1
+        return shape

@@ -37,9 +37,11 @@ from converters.base import (
     UnsupportedOp,
     dist_version,
     finish_bundle,
+    onnx_model_inputs,
     load_onnx,
     require,
 )
+from converters.data import Samples, as_samples
 from edged.bundle import Bundle
 from edged.tensors import Quantization, TensorSpec
 
@@ -420,13 +422,15 @@ class TFLiteInt8Converter:
     def __init__(self, per_channel: bool = True) -> None:
         self.per_channel = per_channel
 
-    def convert(self, source: Path, profile: Any, calibration: np.ndarray, *, dest: Path, info: BundleInfo) -> Bundle:
+    def convert(self, source: Path, profile: Any, calibration: Samples | np.ndarray, *, dest: Path,
+                info: BundleInfo) -> Bundle:
         require("ai_edge_litert", EXTRA, "the TFLite converter")
         require("flatbuffers", EXTRA, "the TFLite converter")
         source = Path(source)
         model = load_onnx(source, EXTRA)
         graph = parse_onnx(model)
-        calibration = np.asarray(calibration, dtype=np.float32)
+        samples = as_samples(calibration, onnx_model_inputs(model))
+        calibration = samples.single()
         if calibration.ndim < 2 or tuple(calibration.shape[1:]) != graph.input_shape:
             raise ConversionError(
                 f"calibration data shape {list(calibration.shape)} does not fit input [N, {', '.join(map(str, graph.input_shape))}]"
@@ -445,8 +449,8 @@ class TFLiteInt8Converter:
         if out_names != graph.outputs:
             raise ConversionError("outputs produced by Identity/Dropout aliases are not supported")
 
-        def reference(x: np.ndarray) -> dict[str, np.ndarray]:
-            return graph.forward(x)
+        def reference(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return graph.forward(np.asarray(feed[graph.input], dtype=np.float32))
 
         try:
             return finish_bundle(
@@ -454,7 +458,7 @@ class TFLiteInt8Converter:
                 files={"model.tflite": model_path},
                 inputs=[spec(graph.input, graph.input_shape)],
                 outputs=[spec(n, graph.shapes[n]) for n in graph.outputs],
-                calibration=calibration, reference=reference, source=source,
+                calibration=samples, reference=reference, source=source,
                 provenance={
                     "converter": self.name,
                     "precision": "int8",

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from converters.base import BundleInfo, ConversionError, dist_version, finish_bundle, require
+from converters.data import ModelInput, Samples, as_samples
 from edged.bundle import Bundle
 from edged.tensors import Quantization, TensorSpec
 
@@ -92,10 +93,12 @@ class KerasTFLiteConverter:
     runtime = "tflite"
     extra = EXTRA
 
-    def convert(self, source: Path, profile: Any, calibration: np.ndarray, *, dest: Path, info: BundleInfo) -> Bundle:
+    def convert(self, source: Path, profile: Any, calibration: Samples | np.ndarray, *, dest: Path,
+                info: BundleInfo) -> Bundle:
         tf = require("tensorflow", EXTRA, "Keras/SavedModel conversion")
         src = load_tf_source(source)
-        calib = np.asarray(calibration, dtype=np.float32)
+        samples = as_samples(calibration, [ModelInput(src.input_name, tuple(src.input_shape))])
+        calib = samples.single()
 
         def representative() -> Any:
             for i in range(len(calib)):
@@ -118,8 +121,8 @@ class KerasTFLiteConverter:
             inputs, outputs = _specs(model_path, src)
             return finish_bundle(
                 dest=dest, info=info, profile=profile, runtime="tflite", model_file="model.tflite",
-                files={"model.tflite": model_path}, inputs=inputs, outputs=outputs, calibration=calib,
-                reference=lambda x: {o.name: v for o, v in zip(outputs, src.run(x).values())},
+                files={"model.tflite": model_path}, inputs=inputs, outputs=outputs, calibration=samples,
+                reference=lambda feed: dict(zip([o.name for o in outputs], src.run(next(iter(feed.values()))).values())),
                 source=source if Path(source).is_file() else Path(source) / "saved_model.pb",
                 provenance={"converter": self.name, "tensorflow": dist_version("tensorflow-cpu") or dist_version("tensorflow"),
                             "quantization": "full-integer int8 (TFLiteConverter, representative dataset)"},

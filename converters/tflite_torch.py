@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from converters.base import BundleInfo, ConversionError, dist_version, finish_bundle, require
+from converters.data import ModelInput, Samples, as_samples
 from edged.bundle import Bundle
 from edged.tensors import Quantization, TensorSpec
 
@@ -92,7 +93,8 @@ def load_onnx_as_torch(path: Path) -> TorchSource:
     shape = (1, *dims[1:])
     src = _torch_source(path, onnx_program(path, shape), shape)
     src.from_onnx = True
-    src.source_run = lambda x: onnx_reference(path, np.asarray(x, dtype=np.float32))
+    run_onnx = onnx_reference(path)
+    src.source_run = lambda x: run_onnx({inp.name: np.asarray(x, dtype=np.float32)})
     return src
 
 
@@ -121,13 +123,15 @@ class TorchTFLiteConverter:
     def __init__(self, per_channel: bool = True) -> None:
         self.per_channel = per_channel
 
-    def convert(self, source: Path, profile: Any, calibration: np.ndarray, *, dest: Path, info: BundleInfo) -> Bundle:
+    def convert(self, source: Path, profile: Any, calibration: Samples | np.ndarray, *, dest: Path,
+                info: BundleInfo) -> Bundle:
         torch = require("torch", EXTRA, "PyTorch conversion")
         litert_torch = require("litert_torch", EXTRA, "PyTorch to TFLite conversion")
         pt2e = require("litert_torch.quantize.pt2e_quantizer", EXTRA, "PT2E quantization")
         quantize_pt2e = require("torchao.quantization.pt2e.quantize_pt2e", EXTRA, "PT2E quantization")
         src = load_onnx_as_torch(source) if Path(source).suffix == ".onnx" else load_torch_source(source)
-        calib = np.asarray(calibration, dtype=np.float32)
+        samples = as_samples(calibration, [ModelInput(src.input_name, tuple(src.input_shape))])
+        calib = samples.single()
         example = tuple(src.program.example_inputs[0])
         try:
             quantizer = pt2e.PT2EQuantizer().set_global(
@@ -151,8 +155,8 @@ class TorchTFLiteConverter:
             inputs, outputs = _specs(model_path)
             return finish_bundle(
                 dest=dest, info=info, profile=profile, runtime="tflite", model_file="model.tflite",
-                files={"model.tflite": model_path}, inputs=inputs, outputs=outputs, calibration=calib,
-                reference=lambda x: {o.name: v for o, v in zip(outputs, src.reference(x).values())},
+                files={"model.tflite": model_path}, inputs=inputs, outputs=outputs, calibration=samples,
+                reference=lambda feed: dict(zip([o.name for o in outputs], src.reference(next(iter(feed.values()))).values())),
                 source=Path(source),
                 provenance={"converter": self.name, "torch": dist_version("torch"),
                             "litert_torch": dist_version("litert-torch"),

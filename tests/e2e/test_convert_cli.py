@@ -67,8 +67,13 @@ def test_all_profiles_write_one_bundle_each(converted):
         assert "report.json" in m.files
         report = json.loads((bundle.root / "report.json").read_text())
         assert report == {k: m.validation[k] for k in report}
-        for key in ("top1_agreement", "max_abs_error", "mean_abs_error", "accuracy_source", "accuracy_converted"):
+        for key in ("top1_agreement", "accuracy_source", "accuracy_converted"):
             assert isinstance(report[key], float)
+        assert report["task"] == "classify"  # labels in the .npz make it a classifier
+        (out_metrics,) = report["outputs"]
+        for key in ("cosine", "sqnr_db", "max_abs_error_rel", "mean_abs_error_rel"):
+            assert isinstance(out_metrics[key], float)
+        assert out_metrics["cosine"] > 0.9 and "collapse" not in out_metrics
         assert set(report["latency_ms"]) == {"source", "converted"} and report["latency_ms"]["converted"]["p99"] > 0
         assert report["size_bytes"]["source"] > report["size_bytes"]["converted"] > 0
         assert report["top1_agreement"] >= 0.99 and report["gate"]["passed"]
