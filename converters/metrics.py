@@ -109,7 +109,7 @@ def collapse_reason(ref: np.ndarray, got: np.ndarray) -> str | None:
     ref_std, got_std = float(np.std(ref)), float(np.std(got))
     if ref_std <= 1e-12 * max(1.0, float(np.abs(ref).max(initial=0.0))):
         return None  # the source output is constant too: nothing to compare the spread with
-    if got_std == 0.0:
+    if float(np.ptp(got)) == 0.0:
         return f"constant output ({float(got.flat[0]):.4g}) where fp32 varies (std {ref_std:.4g})"
     if got_std < COLLAPSE_STD_RATIO * ref_std:
         return f"near-zero variance (std {got_std:.3g} against fp32 std {ref_std:.3g})"
