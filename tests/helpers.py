@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import queue
@@ -20,6 +21,22 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_BUNDLES = REPO / "build" / "demo-bundles"
 DEMO_DATA = REPO / "build" / "demo-data"
 DEMO_MODELS = ("digits-onnx", "digits-tflite", "digits-openvino")
+
+# Every daemon start_daemon() started; the e2e conftest ends any still running after
+# each test, and this module at exit, so a failed test never leaves one behind.
+STARTED: list["DaemonProcess"] = []
+
+
+def end_leftover_daemons() -> list[str]:
+    """Stop every daemon started here that is still running; returns their configs."""
+    left = [d for d in STARTED if d.alive()]
+    for daemon in left:
+        daemon.stop()
+    STARTED[:] = [d for d in STARTED if d.alive()]
+    return [str(d.config) for d in left]
+
+
+atexit.register(end_leftover_daemons)
 
 
 def free_port() -> int:
@@ -163,18 +180,19 @@ def start_daemon(tmp: Path, models_dir: Path, extra_toml: str = "", env: dict[st
         env={**os.environ, **(env or {})},
     )
     daemon = DaemonProcess(proc=proc, port=port, config=config, log=log)
+    STARTED.append(daemon)
     if wait:
         wait_ready(daemon)
     return daemon
 
 
-def wait_ready(daemon: DaemonProcess, timeout: float = 60.0) -> None:
+def wait_ready(daemon: DaemonProcess, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not daemon.alive():
             raise RuntimeError(f"daemon exited with {daemon.proc.returncode}:\n{daemon.logs()}")
         try:
-            status, _, _ = http("GET", daemon.url + "/v2/health/ready", timeout=1.0)
+            status, _, _ = http("GET", daemon.url + "/v2/health/ready", timeout=5.0)
             if status == 200:
                 return
         except OSError:

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 
 UNIT_TEMPLATES = (
-    Path(__file__).resolve().parent.parent / "systemd" / "edged.service",  # source checkout
+    Path(__file__).resolve().parents[2] / "systemd" / "edged.service",  # source checkout
     Path(sys.prefix) / "share" / "edged" / "systemd" / "edged.service",  # wheel install
 )
 TEMPLATE_BIN = "/opt/edged/venv/bin/edged"

@@ -10,7 +10,15 @@ from typing import Callable, Iterator
 import pytest
 
 from tests.brokers import MOSQUITTO, PUSHGATEWAY, Process, mosquitto, pushgateway
-from tests.helpers import free_port
+from tests.helpers import end_leftover_daemons, free_port
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_daemon_left_behind() -> Iterator[None]:
+    """After each module (its own fixtures are torn down first), stop any daemon
+    that a failed test left running."""
+    yield
+    end_leftover_daemons()
 
 
 def _need(binary: str, package: str) -> None:

@@ -37,19 +37,26 @@ class Peer:
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"t-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
         self.client.on_message = lambda c, u, m: self.messages.put(m)
+        self.acked: set[int] = set()
+        self.client.on_subscribe = lambda c, u, mid, codes, props: self.acked.add(mid)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
         self.client.connect("127.0.0.1", port, clean_start=clean, properties=props)
         self.client.loop_start()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60  # bounds here are met only when something is broken
         while not self.client.is_connected() and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert self.client.is_connected(), f"no connection to the broker on port {port}"
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Subscribe and wait for the broker's SUBACK: later messages on ``topic`` reach us."""
         result, mid = self.client.subscribe(topic, qos=qos)
-        time.sleep(0.2)
+        deadline = time.monotonic() + 60
+        while mid not in self.acked and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert mid in self.acked, f"no SUBACK for {topic}"
 
-    def get(self, timeout: float = 10.0) -> mqtt.MQTTMessage:
+    def get(self, timeout: float = 60.0) -> mqtt.MQTTMessage:
         return self.messages.get(timeout=timeout)
 
     def request(self, model: str, payload: bytes, content_type: str | None = None, user: list[tuple[str, str]] | None = None, reply: bool = True) -> mqtt.MQTTMessage:
@@ -77,11 +84,33 @@ def broker(mqtt_broker):
     return mqtt_broker
 
 
+def wait_online(port: int, device: str, daemon) -> None:
+    """Wait for the daemon's retained "online" status. It publishes it right after
+    subscribing to its request topics, so requests sent afterwards reach it."""
+    watcher = Peer(port)
+    try:
+        watcher.subscribe(f"edged/{device}/status")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and daemon.alive():
+            try:
+                status = json.loads(watcher.get(timeout=1).payload)
+            except queue.Empty:
+                continue
+            if status.get("state") == "online" and status.get("device") == device:
+                return
+        raise AssertionError(f"{device} never said it was online:\n{daemon.logs()}")
+    finally:
+        watcher.close()
+
+
 @pytest.fixture(scope="module")
 def daemon(broker, demo_bundles, tmp_path_factory):
     proc = start_daemon(tmp_path_factory.mktemp("mqttd"), demo_bundles, extra_toml=mqtt_toml(broker.port))
-    yield proc
-    proc.stop()
+    try:
+        wait_online(broker.port, DEVICE, proc)
+        yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.fixture()
@@ -175,7 +204,7 @@ def test_status_online_then_last_will(broker, demo_bundles, tmp_path):
     watcher = Peer(broker.port)
     try:
         watcher.subscribe("edged/lwt1/status")
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         status = {}
         while time.monotonic() < deadline and status.get("state") != "online":
             status = json.loads(watcher.get().payload)
@@ -183,7 +212,7 @@ def test_status_online_then_last_will(broker, demo_bundles, tmp_path):
         assert status["version"] and status["uptime_s"] >= 0
         assert {m["name"]: m["state"] for m in status["models"]}["digits-onnx"] == "READY"
         daemon.stop(signal.SIGKILL)
-        message = watcher.get(timeout=15)
+        message = watcher.get(timeout=60)
         assert json.loads(message.payload)["state"] == "offline"
     finally:
         daemon.stop()
@@ -215,7 +244,7 @@ def test_offline_results_survive_kill_and_arrive_in_order(demo_bundles, mosquitt
         broker.start()
         subscriber = Peer(port, client_id="offline-sub", clean=False)
         seqs: list[int] = []
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while len(set(seqs)) < count and time.monotonic() < deadline:
             try:
                 seqs.append(json.loads(subscriber.get(timeout=5).payload)["seq"])
@@ -238,7 +267,7 @@ def test_pushgateway_push_and_failures(demo_bundles, pushgateway_factory, tmp_pa
     body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}).encode()
     try:
         assert http("POST", daemon.url + "/v2/models/digits-onnx/infer", body)[0] == 200
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         found = None
         while time.monotonic() < deadline and not found:
             status, raw, _ = http("GET", f"http://127.0.0.1:{gateway.port}/api/v1/metrics")
@@ -251,7 +280,7 @@ def test_pushgateway_push_and_failures(demo_bundles, pushgateway_factory, tmp_pa
         time.sleep(1.0)
         for _ in range(5):
             assert http("POST", daemon.url + "/v2/models/digits-onnx/infer", body)[0] == 200
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         failures = 0.0
         while time.monotonic() < deadline and failures < 1:
             text = http("GET", daemon.url + "/metrics")[1].decode()
@@ -323,7 +352,7 @@ def metric(daemon, name: str) -> float | None:
     return None
 
 
-def wait_metric(daemon, name: str, value: float, timeout: float = 15.0) -> None:
+def wait_metric(daemon, name: str, value: float, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while metric(daemon, name) != value:
         assert time.monotonic() < deadline, f"{name} never became {value} (is {metric(daemon, name)})"
@@ -372,7 +401,7 @@ def test_push_group_deleted_on_shutdown(demo_bundles, pushgateway_factory, tmp_p
                 if g["labels"].get("instance") == "del1"]
 
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while not groups():
             assert time.monotonic() < deadline, "the daemon never pushed"
             time.sleep(0.1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,12 @@ from tests.helpers import DEMO_BUNDLES, REPO
 from tests.ota_release import make_big_release, make_keys, message_for, pack
 
 pytestmark = pytest.mark.slow
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((host, port)) == 0
 
 
 def _run(*cmd: str) -> None:
@@ -77,9 +84,9 @@ def test_download_survives_a_link_drop(tmp_path, namespace, mqtt_broker):
     )
     topic = device_topic("edged", "dev-n", MODEL)
     try:
-        time.sleep(0.5)  # the server inside the namespace starts
+        wait_for(lambda: _listening(address, 8000), 60, "the bundle server in the namespace")
         publish(mqtt_broker.port, topic, message_for(archive, f"http://{address}:8000/", v2))
-        wait_for(lambda: ota_status(device).get("progress", {}).get("bytes", 0) > 100_000, 30, "download under way")
+        wait_for(lambda: ota_status(device).get("progress", {}).get("bytes", 0) > 100_000, 60, "download under way")
         _run("ip", "link", "set", host_if, "down")  # the link drops mid-transfer...
         time.sleep(2.5)
         _run("ip", "link", "set", host_if, "up")  # ...and comes back
@@ -90,5 +97,9 @@ def test_download_survives_a_link_drop(tmp_path, namespace, mqtt_broker):
     finally:
         device.stop()
         server.terminate()
-        server.wait(10)
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
         clear_retained(mqtt_broker.port, topic)
