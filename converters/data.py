@@ -62,7 +62,7 @@ class Samples:
         return (self.sample(i) for i in range(len(self)))
 
     def sample(self, i: int) -> dict[str, np.ndarray]:
-        return {name: a[i] for name, a in self.arrays.items()}
+        return {name: np.asarray(a[i]) for name, a in self.arrays.items()}  # 0-d stays an array
 
     def head(self, n: int) -> "Samples":
         labels = None if self.labels is None else self.labels[:n]

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 COLLAPSE_STD_RATIO = 1e-2  # converted std below 1% of the source's std: collapsed
+MIN_MATCH_RATE = 0.9  # integer outputs (class ids, argmax per step): share of equal elements
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class OutputMetrics:
     mean_abs_error_rel: float
     fp32_range: float
     top1_agreement: float | None = None
+    match_rate: float | None = None  # integer outputs: share of elements equal to fp32's
     accuracy_source: float | None = None
     accuracy_converted: float | None = None
     collapse: str | None = None  # why the output counts as collapsed
@@ -72,6 +74,7 @@ def _finite(v: float) -> float:
 def compare_output(name: str, ref: np.ndarray, got: np.ndarray, *, classify: bool,
                    labels: np.ndarray | None = None) -> OutputMetrics:
     """``ref`` and ``got`` are [N, ...] for N samples of one output."""
+    integer = np.asarray(ref).dtype.kind in "iub"
     ref = np.asarray(ref, dtype=np.float64)
     got = np.asarray(got, dtype=np.float64)
     if ref.shape != got.shape:
@@ -92,7 +95,9 @@ def compare_output(name: str, ref: np.ndarray, got: np.ndarray, *, classify: boo
         mean_abs_error_rel=float(err.mean() / denom) if err.size else 0.0,
         fp32_range=span, collapse=collapse,
     )
-    if classify:
+    if integer:
+        metrics.match_rate = float(np.mean(ref == finite)) if ref.shape == finite.shape else 0.0
+    if classify and not integer:
         ref_top, got_top = _top1(ref), _top1(finite)
         metrics.top1_agreement = float(np.mean(ref_top == got_top))
         if labels is not None and len(labels) == len(ref_top):
@@ -131,6 +136,8 @@ class Verdict:
     def describe(self) -> str:
         if self.metric == "top1":
             return f"{self.output}: top-1 drop {self.value:.2f} points (max {self.threshold:g})"
+        if self.metric == "match":
+            return f"{self.output}: {100 * self.value:.1f}% equal elements (min {100 * self.threshold:g}%)"
         unit = " dB" if self.metric == "sqnr_db" else ""
         name = "SQNR" if self.metric == "sqnr_db" else "cosine"
         return f"{self.output}: {name} {self.value:.4g}{unit} (min {self.threshold:g}{unit})"
@@ -142,7 +149,9 @@ def judge(metrics: list[OutputMetrics], task: Task, threshold: float | None = No
     limit = task.threshold if threshold is None else threshold
     verdicts = []
     for i, m in enumerate(metrics):
-        if task.metric == "top1" and i == 0:
+        if m.match_rate is not None:  # integer output: cosine and top-1 do not apply
+            verdicts.append(Verdict(m.name, "match", m.match_rate, MIN_MATCH_RATE, m.match_rate >= MIN_MATCH_RATE))
+        elif task.metric == "top1" and i == 0:
             if m.accuracy_source is not None and m.accuracy_converted is not None:
                 drop = 100.0 * (m.accuracy_source - m.accuracy_converted)
             else:

@@ -68,7 +68,8 @@ class OnnxQDQConverter:
 
     def convert(self, source: Path, profile: Any, calibration: Samples | np.ndarray, *, dest: Path,
                 info: BundleInfo) -> Bundle:
-        require("onnxruntime", EXTRA, "the ONNX converter")
+        ort = require("onnxruntime", EXTRA, "the ONNX converter")
+        ort.set_default_logger_severity(3)  # graph clean-up warnings on stderr otherwise
         source = Path(source)
         model = load_onnx(source, EXTRA)
         samples = as_samples(calibration, onnx_model_inputs(model))
@@ -102,6 +103,11 @@ class OnnxQDQConverter:
                     format="QDQ", activations="QUInt8", weights="QInt8",
                     per_channel=per_channel, calibration_method="MinMax",
                 )
+                if not _quantized_nodes(out):
+                    shutil.copyfile(source, out)
+                    provenance.update(precision="fp32", notes=[
+                        "int8: onnxruntime quantized no operator of this graph (its compute may sit inside "
+                        "If/Loop branches); the bundle keeps the fp32 model"])
             else:
                 raise ConversionError(f"unknown precision {precision!r}; expected int8, fp16 or fp32")
             import onnx
@@ -155,10 +161,7 @@ class OnnxQDQConverter:
         import importlib.util
 
         symbolic = importlib.util.find_spec("sympy") is not None
-        try:
-            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=not symbolic)
-        except Exception as exc:
-            raise ConversionError(f"{source.name}: quant_pre_process failed: {exc}") from None
+        _prepare(quant_pre_process, source, prepared, symbolic)
         try:
             quantize_static(
                 str(prepared), str(out), Reader(),
@@ -171,3 +174,32 @@ class OnnxQDQConverter:
             )
         except Exception as exc:
             raise ConversionError(f"{source.name}: quantize_static failed: {exc}") from None
+
+
+def _prepare(quant_pre_process: Any, source: Path, prepared: Path, symbolic: bool) -> None:
+    """Shape inference and graph optimisation before quantization. When
+    onnxruntime cannot optimise the graph (e.g. If branches with shapes it
+    cannot infer), quantize the unoptimised graph instead."""
+    import logging
+
+    log = logging.getLogger("onnxruntime.quantization.shape_inference")
+    level, log.level = log.level, logging.CRITICAL  # it logs a traceback before giving up
+    try:
+        for skip_optimization in (False, True):
+            try:
+                quant_pre_process(str(source), str(prepared), skip_symbolic_shape=not symbolic,
+                                  skip_optimization=skip_optimization)
+                if prepared.is_file():
+                    return
+            except Exception as exc:
+                if skip_optimization:
+                    raise ConversionError(f"{source.name}: quant_pre_process failed: {exc}") from None
+    finally:
+        log.level = level
+
+
+def _quantized_nodes(path: Path) -> int:
+    """QuantizeLinear nodes in the main graph of a quantized model."""
+    import onnx
+
+    return sum(1 for node in onnx.load(str(path)).graph.node if node.op_type == "QuantizeLinear")

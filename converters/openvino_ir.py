@@ -66,7 +66,8 @@ class OpenVinoConverter:
         try:
             ov_model = ov.convert_model(str(source), input=[(n, ov.PartialShape(s)) for n, s in shapes.items()])
         except Exception as exc:
-            raise ConversionError(f"{source.name}: openvino convert_model failed: {exc}") from None
+            raise ConversionError(f"{source.name}: OpenVINO cannot convert the model: {_first_reason(exc)}; "
+                                  "use an ONNX profile (e.g. --profile generic-x86)") from None
         tools = {"openvino": dist_version("openvino"), "onnx": dist_version("onnx")}
         provenance: dict[str, Any] = {
             "converter": self.name, "precision": precision, "input_shapes": shapes, "tools": tools,
@@ -120,3 +121,13 @@ class OpenVinoConverter:
         if shape and spec.shape and spec.shape[0] < 0:
             shape[0] = self.batch or -1
         return shape
+
+
+def _first_reason(exc: Exception) -> str:
+    """The line of an OpenVINO error that names what failed, not its C++ trace."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for marker in ("Conversion is failed for", "Failed operations", "Model wasn't fully converted"):
+        found = next((line for line in lines if marker in line), None)
+        if found:
+            return found.lstrip("- ")
+    return lines[0][:300] if lines else type(exc).__name__

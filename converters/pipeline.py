@@ -146,15 +146,20 @@ def convert_one(source: Source, profile: Any, data: ConversionData, target: Targ
         began = time.perf_counter()
         with progress.stage(f"{profile.name}: quantizing to {plan.runtime} {plan.precision} "
                             f"with {len(data.calibration)} calibration samples"):
-            converter.convert(source.path, profile, data.calibration, dest=staging / "bundle", info=info)
+            model_path = source.static_path if plan.runtime == "tflite" and source.static_path else source.path
+            converter.convert(model_path, profile, data.calibration, dest=staging / "bundle", info=info)
         convert_s = time.perf_counter() - began
         progress.done(f"{profile.name}: converted to {plan.runtime} {plan.precision} ({convert_s:.1f}s)")
         with progress.stage(f"{profile.name}: validating on {len(data.validation)} {data.validation_name} "
                             f"samples, {target.latency_runs} latency runs each"):
             report = build_report(staging / "bundle", source, data.validation, data.validation_name,
                                   target.task, target.threshold, target.latency_runs)
-        report.update(conversion_seconds=round(convert_s, 3), runtime=plan.runtime, precision=plan.precision,
-                      profile=profile.name)
+        made = open_bundle(staging / "bundle").manifest.provenance
+        report.update(conversion_seconds=round(convert_s, 3), runtime=plan.runtime,
+                      precision=made.get("precision", plan.precision), profile=profile.name)
+        plan.notes.extend(made.get("notes", []))
+        for note in made.get("notes", []):
+            progress.note(f"{profile.name}: {note}")
         if plan.notes:
             report["notes"] = plan.notes
         _gate(report, profile.name)

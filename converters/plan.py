@@ -101,7 +101,7 @@ def make_converter(plan: Plan, profile: Any, source: Source) -> Any:
 
         return TorchTFLiteConverter(per_channel=per_channel)
     if plan.runtime == "tflite":
-        return tflite_converter_for_onnx(source.path, per_channel)
+        return tflite_converter_for_onnx(source.static_path or source.path, per_channel)
     return get_converter(plan.runtime, precision=plan.precision)
 
 

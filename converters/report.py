@@ -124,7 +124,7 @@ def report_tables(report: dict[str, Any], title: str) -> list[Any]:
 
     outputs = Table(title=f"{title} ({report.get('runtime', '?')} {report.get('precision', '')}, "
                           f"task {report['task']}, {report['samples']} {report['data']} samples)")
-    for col in ("output", "cosine", "SQNR dB", "max err", "mean err", "top-1", "gate"):
+    for col in ("output", "cosine", "SQNR dB", "max err", "mean err", "top-1", "gate"):  # errors: % of the fp32 range
         outputs.add_column(col, justify="left" if col in ("output", "gate") else "right")
     verdicts = {v["output"]: v for v in report["gate"]["verdicts"]}
     collapsed = {c.split(":", 1)[0] for c in report.get("collapsed", [])}
@@ -134,7 +134,7 @@ def report_tables(report: dict[str, Any], title: str) -> list[Any]:
         outputs.add_row(
             m["name"], f"{m['cosine']:.4f}", f"{m['sqnr_db']:.1f}",
             f"{100 * m['max_abs_error_rel']:.2f}%", f"{100 * m['mean_abs_error_rel']:.2f}%",
-            _pct(m.get("top1_agreement")), gate,
+            _pct(m.get("top1_agreement", m.get("match_rate"))), gate,
         )
     figures = Table(title="latency and size")
     figures.add_column("")

@@ -33,10 +33,11 @@ def serve_as_is_hint(path: Path) -> str:
 
 @dataclass
 class Source:
-    path: Path  # the model the converters read (a fixed-shape copy with --input-shape)
+    path: Path  # the model as given: onnxruntime and OpenVINO take its dynamic dims
     original: Path
-    inputs: list[ModelInput]
-    output_names: list[str]
+    static_path: Path | None = None  # a copy with the dynamic dims fixed, for TFLite routes
+    inputs: list[ModelInput] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
     opset: int = 0
     kind: str = "onnx"  # "tf": Keras model or SavedModel; "torch": torch.export .pt2 (TFLite only)
     framework: Any = None  # TFSource / TorchSource for kinds "tf" and "torch"
@@ -77,6 +78,7 @@ def source_session(path: Path, threads: int = 1) -> Any:
     from converters.base import require
 
     ort = require("onnxruntime", "convert-onnx", "running the fp32 source model")
+    ort.set_default_logger_severity(3)  # quantization tools log graph warnings to stderr otherwise
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
@@ -110,7 +112,7 @@ def inspect_source(path: Path, input_shape_args: list[str], workdir: Path) -> So
     if unknown:
         raise BadInput(f"--input-shape {unknown[0]}=...: the model has no input {unknown[0]!r}; "
                        f"its inputs are {', '.join(i.describe() for i in inputs)}")
-    source = Source(path, path, inputs, [o.name for o in model.graph.output], opset)
+    source = Source(path, path, None, inputs, [o.name for o in model.graph.output], opset)
     if input_shapes:
         fix_input_shapes(source, model, input_shapes, workdir)
     return source
@@ -193,9 +195,9 @@ def fix_input_shapes(source: Source, model: Any, shapes: dict[str, tuple[int, ..
                 new_shape.append(want)
         updated.append(ModelInput(spec.name, tuple(new_shape), spec.dtype))
     del model.graph.value_info[:]  # shapes inferred for the old dims
-    fixed_path = Path(workdir) / source.original.name
+    fixed_path = Path(workdir) / f"static-{source.original.name}"
     onnx.save(model, str(fixed_path))
-    source.path, source.inputs, source._session = fixed_path, updated, None
+    source.static_path, source.inputs = fixed_path, updated
 
 
 def shapes_from_data(source: Source, samples: Samples, workdir: Path) -> None:
@@ -206,7 +208,8 @@ def shapes_from_data(source: Source, samples: Samples, workdir: Path) -> None:
         return
     import onnx
 
-    fix_input_shapes(source, onnx.load(str(source.path)), {k: tuple(v) for k, v in todo.items()}, workdir)
+    fix_input_shapes(source, onnx.load(str(source.static_path or source.path)),
+                     {k: tuple(v) for k, v in todo.items()}, workdir)
     for name, shape in todo.items():
         source.notes.append(f"input {name!r}: dynamic dims fixed to {list(shape)} from the calibration data")
 
@@ -244,4 +247,4 @@ def inspect_framework_source(path: Path, input_shapes: list[str]) -> Source:
     except ConversionError as exc:
         raise BadInput(str(exc)) from None
     inputs = [ModelInput(loaded.input_name, tuple(loaded.input_shape), "float32")]
-    return Source(path, path, inputs, list(loaded.output_names), 0, kind, loaded)
+    return Source(path, path, None, inputs, list(loaded.output_names), 0, kind, loaded)

@@ -83,3 +83,13 @@ def test_classifier_gate_uses_accuracy_with_labels():
     assert verdict.value == pytest.approx(12.5) and not verdict.passed
     assert judge([m], TASKS["classify"], threshold=20.0)[0].passed
     assert pick_task(None, has_labels=True).name == "classify" and pick_task(None, False).name == "auto"
+
+
+def test_integer_outputs_are_compared_element_by_element():
+    ref = np.array([[3, 0, 7, 7, 0]] * 4, np.int64)  # argmax per CTC step
+    got = ref.copy()
+    got[0, 0] = 2
+    m = compare_output("ids", ref, got, classify=False)
+    assert m.match_rate == pytest.approx(19 / 20)
+    (verdict,) = judge([m], TASKS["sequence"])
+    assert verdict.metric == "match" and verdict.passed
