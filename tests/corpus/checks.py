@@ -114,6 +114,17 @@ def _check_face(res, outs, meta):
     res.expect(not (~face).any() or float(score[~face].max()) < 0.5, "a scene without a face scores > 0.5")
 
 
+def _check_selfie(res, outs, meta):
+    mask = outs[0][:, 0, :, :, 0] > 0.5
+    frac = mask.reshape(len(mask), -1).mean(axis=1)
+    person = meta["person"]
+    found = float((frac[person] > 0.05).mean())
+    res.numbers.update(person_px_portraits=float(frac[person].mean()), portraits_found=found,
+                       person_px_no_person=float(frac[~person].mean()) if (~person).any() else 0.0)
+    res.expect(found >= 0.6, f"only {found:.0%} of the drawn portraits are segmented")
+    res.expect(not (~person).any() or float(frac[~person].max()) < 0.02, "a scene without a person is segmented")
+
+
 def _check_vad(res, outs, meta):
     prob = outs[0].reshape(len(outs[0]), -1)[:, 0]
     sp = meta["speech"]
@@ -162,6 +173,8 @@ def check(model: CorpusModel | str, n: int = 16, seed: int = 0) -> CheckResult:
         _check_dddd_det(res, outs, meta)
     elif kind == "face_detect":
         _check_face(res, outs, meta)
+    elif kind == "selfie_segment":
+        _check_selfie(res, outs, meta)
     elif kind in ("silero_vad", "silero_vad_v4"):
         _check_vad(res, outs, meta)
     elif kind == "oww_melspec":

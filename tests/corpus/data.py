@@ -124,6 +124,15 @@ def face_detect(model: CorpusModel, path: Path, n: int, seed: int):
     return {name: np.stack(xs)}, {"face": faces}
 
 
+def selfie_segment(model: CorpusModel, path: Path, n: int, seed: int):
+    """Drawn head-and-shoulders portraits (three in four) and scenes without a person, RGB 0..1."""
+    rng = np.random.default_rng(seed)
+    name = _input_names(path)[0]
+    people = np.arange(n) % 4 != 3
+    xs = [images.face_scene(rng, 256, bool(p), scale=(0.3, 0.45)).astype(np.float32) / 255.0 for p in people]
+    return {name: np.stack(xs)}, {"person": people}
+
+
 def _vad_chunks(path: Path, n: int, seed: int, chunk: int, context: int, state_names: tuple[str, ...],
                 state_shape: tuple[int, ...]):
     """Pick ``n`` chunks of speech/silence clips; states come from running the fp32 model."""
@@ -197,6 +206,7 @@ def oww_embedding(model: CorpusModel, path: Path, n: int, seed: int):
 GENERATORS: dict[str, Generator] = {
     "ppocr_det": ppocr_det, "ppocr_cls": ppocr_cls, "ppocr_rec": ppocr_rec,
     "dddd_ocr": dddd_ocr, "dddd_det": dddd_det, "face_detect": face_detect,
+    "selfie_segment": selfie_segment,
     "silero_vad": silero_vad, "silero_vad_v4": silero_vad_v4,
     "oww_melspec": oww_melspec, "oww_embedding": oww_embedding,
 }

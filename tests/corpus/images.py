@@ -167,10 +167,12 @@ def click_scene(rng: np.random.Generator, size: int, n_chars: int | None = None
     return np.asarray(img), boxes
 
 
-def face_scene(rng: np.random.Generator, size: int, face: bool = True) -> np.ndarray:
+def face_scene(rng: np.random.Generator, size: int, face: bool = True,
+               scale: tuple[float, float] = (0.45, 0.7)) -> np.ndarray:
     """A drawn portrait: background, shoulders, head with hair, eyes, brows, nose and mouth.
 
-    ``face=False`` draws the same kind of background with objects and no face.
+    The face is ``scale`` (a range) of the image wide. ``face=False`` draws the same kind of
+    background with objects and no face.
     """
     from PIL import Image, ImageDraw
     bg = tuple(int(v) for v in rng.integers(40, 230, size=3))
@@ -182,7 +184,7 @@ def face_scene(rng: np.random.Generator, size: int, face: bool = True) -> np.nda
         draw.rectangle((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.integers(20, 240, size=3)))
     if not face:
         return np.asarray(img)
-    s = size * rng.uniform(0.45, 0.7)  # face width
+    s = size * rng.uniform(*scale)  # face width
     cx = size / 2 + rng.uniform(-0.12, 0.12) * size
     cy = size / 2 + rng.uniform(-0.08, 0.1) * size
     skin_tones = [(241, 194, 160), (224, 172, 140), (198, 134, 98), (141, 85, 56), (255, 219, 190)]
@@ -194,7 +196,11 @@ def face_scene(rng: np.random.Generator, size: int, face: bool = True) -> np.nda
     draw.ellipse((cx - 0.55 * s, cy - 0.85 * s, cx + 0.55 * s, cy + 0.35 * s), fill=hair)  # hair
     draw.ellipse((cx - 0.62 * s, cy - 0.1 * s, cx - 0.42 * s, cy + 0.2 * s), fill=skin)  # ears
     draw.ellipse((cx + 0.42 * s, cy - 0.1 * s, cx + 0.62 * s, cy + 0.2 * s), fill=skin)
-    draw.ellipse((cx - 0.48 * s, cy - 0.6 * s, cx + 0.48 * s, cy + 0.7 * s), fill=skin)  # face
+    for k in range(6):  # face, shaded darker towards its edge
+        f = 1.0 - k / 6.0
+        tone = tuple(int(min(255, c * (0.82 + 0.04 * k))) for c in skin)
+        draw.ellipse((cx - 0.48 * s * f, cy - 0.6 * s * f + 0.05 * s * (1 - f),
+                      cx + 0.48 * s * f, cy + 0.7 * s * f + 0.05 * s * (1 - f)), fill=tone)
     eye_y, eye_dx = cy - 0.05 * s, 0.2 * s
     for sign in (-1, 1):
         ex = cx + sign * eye_dx
@@ -208,7 +214,8 @@ def face_scene(rng: np.random.Generator, size: int, face: bool = True) -> np.nda
     mouth_y = cy + 0.38 * s
     draw.arc((cx - 0.17 * s, mouth_y - 0.1 * s, cx + 0.17 * s, mouth_y + 0.06 * s), 20, 160,
              fill=(150, 40, 50), width=max(1, int(0.03 * s)))
-    return np.asarray(img)
+    light = np.linspace(rng.uniform(1.0, 1.15), rng.uniform(0.7, 0.9), size)[:, None, None]
+    return np.clip(np.asarray(img, np.float32) * light, 0, 255).astype(np.uint8)  # top lighting
 
 
 def rotate180(img: np.ndarray) -> np.ndarray:

