@@ -18,11 +18,34 @@ from edged import __version__
 from edged.cli.bundle import bundle_app
 from edged.errors import EdgedError
 
+def _hide_flag_types() -> None:
+    """typer 0.29's help panel prints a value type for every option, so each flag
+    (--dry-run, --help) reads `<bool>` as if it took a value. Flags take none: show
+    no type for them, as click's plain help does. A no-op where typer lacks the hook."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:
+        return
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "hides_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    display_type_rich.hides_flags = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
+# "markdown": help paragraphs are reflowed to the terminal's width (in "rich" mode the
+# docstrings' own line breaks stay and the text comes out ragged); `code` and \[ work.
 app = typer.Typer(
     help="edged: serve quantized TFLite, ONNX and OpenVINO bundles on edge devices over "
     "KServe V2 HTTP and MQTT.\n\nStart with `edged doctor`, then `edged serve --config edged.toml`.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",
 )
 models_app = typer.Typer(help="Ask a running daemon about its models.", no_args_is_help=True)
 profiles_app = typer.Typer(help="Hardware profiles (hw-profiles/*.toml): what each target runs.", no_args_is_help=True)
