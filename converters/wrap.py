@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from converters.wrap_samples import (
-    WrapError, generate_samples, load_samples, parse_input_shapes, quoted, stack_samples, stackable,
+    MAX_SAMPLES, WrapError, generate_samples, load_samples, parse_input_shapes, quoted, stack_samples, stackable,
 )
 from edged.bundle import NAME, SEMVER, Bundle, Manifest, open_bundle, sha256_file, write_bundle
 from edged.errors import EdgedError
@@ -117,8 +117,11 @@ def resolve_profile(name: str | None, runtime: str) -> tuple[str, list[str]]:
         except profiles.ProfileError:
             arch = platform.machine().lower()
             fallback = "generic-arm64" if arch in ("aarch64", "arm64") else "generic-x86"
-            profile = profiles.get_profile(fallback)
             notes.append(f"no hw-profile matches this machine; recorded {fallback}")
+            try:
+                profile = profiles.get_profile(fallback)
+            except profiles.ProfileError:
+                return fallback, notes  # no profile files installed at all
     if runtime not in profile.preference:
         notes.append(f"profile {profile.name} does not list {runtime} among its runtimes ({', '.join(profile.preference)})")
     return profile.name, notes
@@ -410,6 +413,8 @@ def wrap_model(path: Path, options: WrapOptions) -> WrapResult:
             samples_note += f" (the model refused a batch of {count})"
         elif len(samples) > 1 and not stackable(samples[0], inputs):
             samples_note += " (one call: the inputs do not stack along dim 0)"
+        elif used < min(len(samples), MAX_SAMPLES):
+            samples_note += " (inputs kept under 4 MiB)"
         manifest.provenance["samples"] = samples_note
         manifest.tolerance = tolerance(expected, outputs)
         manifest.validation = {"samples": used, "reference": "the model itself, wrapped as is"}

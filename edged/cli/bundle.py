@@ -97,10 +97,10 @@ def _print_created(result: "WrapResult") -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
+    console, err = Console(), Console(stderr=True, soft_wrap=True)
     m = result.bundle.manifest
     for note in result.notes:
-        console.print(f"[yellow]note[/]: {escape(note)}", highlight=False)
+        err.print(f"[yellow]note[/]: {escape(note)}", highlight=False)
     console.print(
         f"[green]✓[/] wrote {escape(str(result.bundle.root))}: {escape(m.name)} {m.version}, "
         f"runtime {m.runtime} ({escape(result.library)}), precision {result.precision} (as is), "
