@@ -7,11 +7,12 @@ PIP := $(VENV)/bin/pip
 DEMO := build/demo-bundles
 PYTEST_ARGS ?=
 
-.PHONY: help venv install install-test install-torch system-deps demo run test test-unit test-vm test-arm64 bench clean
+.PHONY: help venv install install-test install-torch system-deps demo run test test-fast test-unit test-vm test-arm64 bench clean
 
 help:
 	@echo "make run     set up .venv, build the demo bundles, serve them on 127.0.0.1:8080"
 	@echo "make test    install test dependencies (apt + pip) and run pytest"
+	@echo "make test-fast   every test but the heavy conversion routes (no build/*-venv), for quick loops"
 	@echo "make bench   run benchmarks and write BENCHMARKS.md"
 	@echo "make test-vm     boot a Debian 12 VM: edged as a systemd service, watchdog, reboot, Ansible (root, minutes)"
 	@echo "make test-arm64  arm64 chroot under qemu-user: aarch64 wheels, doctor, inference (root, minutes)"
@@ -36,9 +37,17 @@ install-test: $(VENV)/.stamp-test
 
 # PyTorch -> TFLite (litert-torch: torch, jax, transformers, several GB) lives in its own venv,
 # like a build machine, so .venv stays small; the tests call its `edged convert`.
+# torch goes in first, pinned: PyPI has no CPU-only torch for Linux x86_64 (its wheels
+# pull ~3 GB of nvidia-* CUDA libraries and ~0.9 GB of triton; the +cpu builds live only
+# on PyTorch's own index). pip takes torch==2.13.0 from a local CPU wheel where one is
+# on disk (pip's find-links, as on the CI machines), else PyPI's CUDA build. With access
+# to PyTorch's index: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_VENV := build/torch-venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 $(TORCH_VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH_SPEC)'
 	$(TORCH_VENV)/bin/pip install --quiet -e '.[convert-torch,onnx]'
 	touch $@
 
@@ -67,6 +76,13 @@ run: demo
 # pytest exits 5 when it collected no tests: that is a failure here.
 test: system-deps install-test install-torch
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+# Every test but the heavy conversion routes (PyTorch and TensorFlow sources, which need
+# their own build venvs): a quick local loop. CI runs the full `make test`.
+HEAVY_TESTS := tests/e2e/test_convert_torch.py tests/e2e/test_convert_tf.py
+test-fast: system-deps install-test
+	$(PY) -m pytest $(addprefix --ignore=,$(HEAVY_TESTS)) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-unit: install-test

@@ -115,15 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     calibration = t["x_train"][:300]
     print(f"trained digits MLP 64->64->10 on {len(t['x_train'])} images in {time.perf_counter() - start:.1f}s")
 
+    # Each bundle records the hw-profile (`edged profiles list`) whose default output it is.
     targets = [
-        ("digits-onnx", OnnxQDQConverter(precision="int8")),
-        ("digits-tflite", TFLiteInt8Converter()),
-        ("digits-openvino", OpenVinoConverter(precision=args.openvino_precision)),
+        ("digits-onnx", "generic-x86", OnnxQDQConverter(precision="int8")),
+        ("digits-tflite", "generic-arm64", TFLiteInt8Converter()),
+        ("digits-openvino", "intel-x86", OpenVinoConverter(precision=args.openvino_precision)),
     ]
-    for name, converter in targets:
+    for name, profile, converter in targets:
         began = time.perf_counter()
         info = BundleInfo(
-            name=name, version="1.0.0", labels=LABELS, validation_x=t["x_test"], validation_y=t["y_test"],
+            name=name, version="1.0.0", labels=LABELS, validation_x=t["x_test"], validation_y=t["y_test"], hw_profile=profile,
             extra_provenance={"dataset": "sklearn load_digits, 25% held out (random_state=0)"},
         )
         bundle = converter.convert(source, None, calibration, dest=out / name, info=info)
