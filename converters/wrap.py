@@ -56,6 +56,8 @@ class WrapOptions:
 
 @dataclass
 class WrapResult:
+    """The written bundle and what the CLI prints about it."""
+
     bundle: Bundle
     library: str
     precision: str
@@ -65,6 +67,8 @@ class WrapResult:
 
 @dataclass
 class ModelFiles:
+    """A model file, the runtime that serves it and the files a bundle copies."""
+
     source: Path
     runtime: str
     model_file: str
@@ -196,6 +200,19 @@ def _onnx_external_data(path: Path) -> list[str]:
 def model_precision(files: ModelFiles, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> str:
     """int8 (quantized tensors or operators), fp16 (float16 weights) or fp32;
     best effort, "unknown" when the model cannot be inspected."""
+    try:
+        found = _precisions(files)
+    except Exception:  # best effort: a reader that chokes leaves the tensor specs
+        found = set()
+    if any(s.quantization is not None for s in inputs + outputs):
+        found.add("int8")
+    for precision in ("int8", "fp16", "fp32"):
+        if precision in found:
+            return precision
+    return "unknown"
+
+
+def _precisions(files: ModelFiles) -> set[str]:
     found: set[str] = set()
     if files.runtime == "onnx":
         model = _read_onnx(files.source)
@@ -226,12 +243,7 @@ def model_precision(files: ModelFiles, inputs: list[TensorSpec], outputs: list[T
             elif layer.get("type") == "Const" and kind in ("f16", "bf16"):
                 found.add("fp16")
         found.add("fp32")
-    if any(s.quantization is not None for s in inputs + outputs):
-        found.add("int8")
-    for precision in ("int8", "fp16", "fp32"):
-        if precision in found:
-            return precision
-    return "unknown"
+    return found
 
 
 @contextlib.contextmanager
@@ -264,8 +276,7 @@ def read_specs(runtime: Any, files: ModelFiles) -> tuple[list[TensorSpec], list[
     try:
         runtime.load(str(files.source), RuntimeOptions())
     except Exception as exc:  # each library raises its own error types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WrapError(f"{files.source.name}: not a valid {files.runtime} model ({first})") from None
+        raise WrapError(f"{files.source.name}: not a valid {files.runtime} model ({_first_line(exc)})") from None
     try:
         inputs, outputs = list(runtime.inputs), list(runtime.outputs)
     finally:
@@ -315,20 +326,28 @@ def run_reference(root: Path, manifest: Manifest, files: dict[str, Path], call: 
     from edged.runtimes import RuntimeOptions
 
     trial = write_bundle(root / "bundle", manifest, files, {}, {})
-    model = LoadedModel.load(open_bundle(trial.root), RuntimeOptions(), warmup=0)
+    try:
+        model = LoadedModel.load(open_bundle(trial.root), RuntimeOptions(), warmup=0)
+    except Exception as exc:  # the libraries raise their own error types
+        raise WrapError(f"the model does not load from the bundle: {_first_line(exc)}") from None
     try:
         try:
             return call, model.infer(call), count
-        except EdgedError as exc:
+        except Exception as exc:
             if count == 1:
-                raise WrapError(f"the model failed on the sample inputs{hint}: {exc}") from None
+                raise WrapError(f"the model failed on the sample inputs{hint}: {_first_line(exc)}") from None
         single = dict(samples[0])
         try:
             return single, model.infer(single), 1
-        except EdgedError as exc:
-            raise WrapError(f"the model failed on the sample inputs{hint}: {exc}") from None
+        except Exception as exc:
+            raise WrapError(f"the model failed on the sample inputs{hint}: {_first_line(exc)}") from None
     finally:
         model.unload()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_outputs(outputs: dict[str, np.ndarray], specs: list[TensorSpec]) -> None:

@@ -89,6 +89,8 @@ def bundle_create(
         _fail(str(exc), 2)
     except OSError as exc:
         _fail(f"{exc.filename or model}: {exc.strerror or exc}", 2)
+    except Exception as exc:  # never a traceback; the type says where to look
+        _fail(f"bundle create failed unexpectedly: {type(exc).__name__}: {exc}", 1)
     _print_created(result)
 
 
