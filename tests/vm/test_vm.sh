@@ -7,7 +7,16 @@
 # All three runtimes (onnxruntime, ai-edge-litert, OpenVINO) serve under the hardened
 # unit, and `systemctl reload` (SIGHUP) loads a newly listed model while a client keeps
 # sending requests: none may fail.
-# EDGED_VM_KEEP=1 leaves the VM running at the end.
+#
+# Environment:
+#   EDGED_VM_KEEP=1     leave the VM running at the end (and after a failure), with how to reach it
+#   EDGED_VM_ACCEL=tcg  skip the KVM probe and use software emulation
+#   G_TIMEOUT=SECONDS   limit for each guest command (default 120 under KVM; under TCG, where the
+#                       guest's pip install alone takes 5 to 6 minutes, 120 x EDGED_VM_SLOWDOWN)
+#   EDGED_VM_SLOWDOWN=N how much longer every wait is under TCG (default 6; 1 under KVM)
+#   EDGED_VM_ANSIBLE=0  skip the Ansible step
+# A failure names the step it happened in and prints the guest's `journalctl -u edged`
+# before the VM is destroyed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VM=build/vm
@@ -18,8 +27,11 @@ BUNDLES=${EDGED_VM_BUNDLES:-digits-onnx digits-tflite digits-openvino}
 EXTRAS=${EDGED_VM_EXTRAS:-onnx,tflite,openvino}
 T0=$(date +%s)
 step_t=$T0
-say() { local now; now=$(date +%s); printf '[vm %4ds +%3ds] %s\n' $((now - T0)) $((now - step_t)) "$*"; step_t=$now; }
-fail() { echo "FAIL: $*" >&2; echo "--- console tail" >&2; tail -n 30 "$VM/console.log" >&2 || true; exit 1; }
+STEP="building the VM image"
+# say: a step is done (and the next one named, for failure messages); step: name the next one.
+say() { local now; now=$(date +%s); printf '[vm %4ds +%3ds] %s\n' $((now - T0)) $((now - step_t)) "$*"; step_t=$now; STEP="after: $*"; }
+step() { STEP=$*; }
+fail() { echo "FAIL (step: $STEP): $*" >&2; echo "--- console tail" >&2; tail -n 30 "$VM/console.log" >&2 || true; exit 1; }
 
 tests/vm/build_image.sh
 say "image ready"
@@ -37,13 +49,23 @@ for b in $BUNDLES; do [[ -d build/demo-bundles/$b ]] || fail "build/demo-bundles
 say "wheels ready ($(ls "$VM/wheels" | wc -l) files)"
 
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+step "preparing the VM"
 SSH_PORT=$(free_port); HTTP_PORT=$(free_port)
 KEY=$VM/id_ed25519
 SSH=(ssh -q -i "$KEY" -p "$SSH_PORT" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null
      -o LogLevel=ERROR -o ConnectTimeout=5 -o BatchMode=yes -o ServerAliveInterval=5 -o ServerAliveCountMax=3 root@127.0.0.1)
 # qemu's user-mode net accepts the TCP connection even while the guest is down, so an
-# ssh can hang in the handshake: every guest command gets a hard time limit.
-g() { timeout "${G_TIMEOUT:-120}" "${SSH[@]}" "$@"; }
+# ssh can hang in the handshake: every guest command gets a hard time limit, G_TIMEOUT
+# (set below, after KVM or TCG is chosen). Polling loops pass their own G_LIMIT and
+# expect timeouts; any other command that runs out of time says so, naming the step.
+g() {
+  local limit=${G_LIMIT:-$G_TIMEOUT} rc=0
+  timeout "$limit" "${SSH[@]}" "$@" || rc=$?
+  if (( rc == 124 )) && [[ -z ${G_LIMIT:-} ]]; then
+    echo "FAIL (step: $STEP): a guest command ran past G_TIMEOUT=${limit}s (raise it with G_TIMEOUT=SECONDS): $(head -n 3 <<<"$*")" >&2
+  fi
+  return $rc
+}
 
 rm -f "$VM/run.qcow2" "$VM/console.log"
 qemu-img create -q -f qcow2 -b base.img -F raw "$VM/run.qcow2"
@@ -58,21 +80,34 @@ if [[ -w /dev/kvm && ${EDGED_VM_ACCEL:-auto} != tcg ]]; then
     echo "/dev/kvm exists but a KVM guest does not boot here (nested virtualisation?): using TCG" >&2
   fi
 fi
+if [[ ${ACCEL[0]} == -enable-kvm ]]; then SLOW=1; else SLOW=${EDGED_VM_SLOWDOWN:-6}; fi
+G_TIMEOUT=${G_TIMEOUT:-$((120 * SLOW))}
+wait_s() { echo $(( $1 * SLOW )); }  # a wait bound sized for KVM, scaled for TCG
 qemu-system-x86_64 "${ACCEL[@]}" -m 2048 -smp 2 -display none \
   -kernel "$VM/vmlinuz" -initrd "$VM/initrd.img" -append "root=/dev/vda rw console=ttyS0 net.ifnames=0" \
   -drive file="$VM/run.qcow2",if=virtio,format=qcow2 \
   -netdev user,id=n0,hostfwd=tcp:127.0.0.1:"$SSH_PORT"-:22,hostfwd=tcp:127.0.0.1:"$HTTP_PORT"-:8080 \
   -device virtio-net-pci,netdev=n0 -serial file:"$VM/console.log" -pidfile "$VM/qemu.pid" -daemonize
 cleanup() {
+  local rc=$?
+  if (( rc != 0 )); then
+    echo "FAILED with exit code $rc in step: $STEP" >&2
+    echo "--- guest: journalctl -u edged (last 200 lines)" >&2
+    G_LIMIT=60 g 'journalctl -u edged --no-pager -n 200; systemctl status --no-pager edged' >&2 \
+      || echo "(the guest did not answer over ssh)" >&2
+    echo "--- console tail" >&2; tail -n 30 "$VM/console.log" >&2 || true
+  fi
   if [[ ${EDGED_VM_KEEP:-0} == 1 ]]; then echo "VM left running: ssh -i $KEY -p $SSH_PORT root@127.0.0.1; http://127.0.0.1:$HTTP_PORT"; return; fi
   [[ -f $VM/qemu.pid ]] && kill "$(cat "$VM/qemu.pid")" 2>/dev/null || true
 }
 trap cleanup EXIT
-say "qemu started (${ACCEL[*]}), ssh 127.0.0.1:$SSH_PORT, http 127.0.0.1:$HTTP_PORT"
+say "qemu started (${ACCEL[*]}), ssh 127.0.0.1:$SSH_PORT, http 127.0.0.1:$HTTP_PORT, G_TIMEOUT ${G_TIMEOUT}s"
 
-wait_ssh() { local end=$(( $(date +%s) + ${1:-300} )); while (( $(date +%s) < end )); do G_TIMEOUT=15 g true 2>/dev/null && return 0; sleep 2; done; fail "no ssh"; }
+wait_ssh() { local end=$(( $(date +%s) + ${1:-$(wait_s 300)} )); while (( $(date +%s) < end )); do G_LIMIT=$(wait_s 15) g true 2>/dev/null && return 0; sleep 2; done; fail "no ssh"; }
+step "booting the guest until ssh answers"
 wait_ssh
 say "guest booted, ssh answers"
+step "copying wheels and bundles, pip install in the guest"
 
 tar -C build -cf - dist/"$(basename "$WHEEL")" vm/wheels $(printf 'demo-bundles/%s ' $BUNDLES) | g 'rm -rf /root/edged && mkdir -p /root/edged && tar -C /root/edged -xf -'
 g "set -e
@@ -90,20 +125,23 @@ host = \"0.0.0.0\"
 port = 8080
 TOML"
 say "venv + wheels installed in the guest"
+step "edged install"
 g "/opt/edged/venv/bin/edged install --venv /opt/edged/venv --config /root/edged.toml" || { g 'journalctl -u edged --no-pager | tail -40' || true; fail "edged install"; }
 say "edged install: done"
 [[ $(g systemctl is-active edged) == active ]] || fail "edged not active"
 [[ $(g systemctl is-enabled edged) == enabled ]] || fail "edged not enabled"
+step "second edged install (must change nothing)"
 echo "second install (must change nothing):"
 g "/opt/edged/venv/bin/edged install --venv /opt/edged/venv --config /root/edged.toml" | tee /tmp/edged-vm-install2.log
 grep -q 'nothing to do' /tmp/edged-vm-install2.log || fail "second edged install changed something"
 
 BODY=$("$PY" -c 'import json; print(json.dumps({"inputs":[{"name":"input","shape":[1,1,8,8],"datatype":"FP32","data":[0.0]*64}]}))')
 infer() {  # [MODEL]
-  local out; out=$(curl -sf --max-time 10 -H 'Content-Type: application/json' -d "$BODY" "http://127.0.0.1:$HTTP_PORT/v2/models/${1:-$BUNDLE}/infer") || return 1
+  local out; out=$(curl -sf --max-time "$(wait_s 10)" -H 'Content-Type: application/json' -d "$BODY" "http://127.0.0.1:$HTTP_PORT/v2/models/${1:-$BUNDLE}/infer") || return 1
   "$PY" -c 'import json,sys; d=json.loads(sys.argv[1]); o=d["outputs"][0]; assert o["shape"]==[1,10], o; print("infer ok:", o["name"], o["shape"])' "$out"
 }
-ready() { curl -sf --max-time 3 -o /dev/null "http://127.0.0.1:$HTTP_PORT/v2/health/ready"; }
+ready() { curl -sf --max-time "$(wait_s 3)" -o /dev/null "http://127.0.0.1:$HTTP_PORT/v2/health/ready"; }
+step "HTTP inference from the host"
 infer || fail "inference through 127.0.0.1:$HTTP_PORT"
 say "HTTP inference from the host works"
 for b in $BUNDLES; do [[ $b == "$LATE" ]] || infer "$b" || fail "inference on $b under the hardened unit"; done
@@ -111,6 +149,7 @@ say "every runtime loaded at start serves under the hardened unit"
 
 # Reload: list $LATE in the config and `systemctl reload` while a keep-alive client
 # keeps sending requests to $BUNDLE; none may fail, the MainPID stays, $LATE loads.
+step "systemctl reload under a client loop"
 P0=$(g systemctl show -p MainPID --value edged)
 rm -f "$VM/client.stop"
 "$PY" - "$HTTP_PORT" "$BUNDLE" "$VM/client.stop" > "$VM/client.json" <<'PYCLIENT' &
@@ -140,7 +179,7 @@ PYCLIENT
 CLIENT=$!
 sleep 3
 g "sed -i 's/^load = \\[/load = [\"$LATE\", /' /etc/edged/edged.toml && grep '^load' /etc/edged/edged.toml && systemctl reload edged"
-for _ in $(seq 1 120); do
+for _ in $(seq 1 "$(wait_s 120)"); do
   curl -sf --max-time 3 -o /dev/null "http://127.0.0.1:$HTTP_PORT/v2/models/$LATE/ready" && break; sleep 1
 done
 sleep 2
@@ -157,8 +196,8 @@ mainpid() { g systemctl show -p MainPID --value edged; }
 # wait until edged has a MainPID other than $1, is active, and answers HTTP
 wait_new_pid() {
   local old=$1 pid
-  for _ in $(seq 1 120); do
-    pid=$(mainpid 2>/dev/null || echo 0)
+  for _ in $(seq 1 "$(wait_s 120)"); do
+    pid=$(G_LIMIT=$(wait_s 15) mainpid 2>/dev/null || echo 0)
     if [[ $pid != 0 && $pid != "$old" && $(g systemctl is-active edged 2>/dev/null) == active ]] && ready; then echo "$pid"; return 0; fi
     sleep 1
   done
@@ -166,6 +205,7 @@ wait_new_pid() {
   fail "edged did not come back (old MainPID $old)"
 }
 
+step "watchdog: drop-in WatchdogSec=5, then SIGSTOP"
 g "mkdir -p /etc/systemd/system/edged.service.d && printf '[Service]\nWatchdogSec=5\nTimeoutAbortSec=5\n' > /etc/systemd/system/edged.service.d/test-watchdog.conf && systemctl daemon-reload && systemctl restart edged"
 ready || fail "not ready after restart with WatchdogSec=5"
 P1=$(mainpid); NR0=$(g systemctl show -p NRestarts --value edged)
@@ -177,19 +217,21 @@ P2=$(wait_new_pid "$P1")
 g "journalctl -u edged --no-pager | grep -i 'watchdog timeout'" | tail -1 || fail "no watchdog timeout in the journal"
 infer
 say "SIGSTOP $P1 -> watchdog restart, new MainPID $P2"
+step "SIGKILL: systemd restarts edged"
 g "kill -9 $P2"
 P3=$(wait_new_pid "$P2")
 infer
 NR=$(g systemctl show -p NRestarts --value edged)
 say "SIGKILL $P2 -> restarted, new MainPID $P3 (NRestarts $NR0 -> $NR)"
 
-G_TIMEOUT=10 g "systemctl reboot" || true
-for _ in $(seq 1 60); do G_TIMEOUT=5 g true 2>/dev/null || break; sleep 1; done
+step "reboot: edged comes back"
+G_LIMIT=10 g "systemctl reboot" || true
+for _ in $(seq 1 "$(wait_s 60)"); do G_LIMIT=5 g true 2>/dev/null || break; sleep 1; done
 wait_ssh
-for _ in $(seq 1 120); do ready && break; sleep 1; done
+for _ in $(seq 1 "$(wait_s 120)"); do ready && break; sleep 1; done
 [[ $(g systemctl is-active edged) == active ]] || fail "edged not active after reboot"
 infer || fail "inference after reboot"
 for b in $BUNDLES; do infer "$b" || fail "inference on $b after reboot"; done
 say "reboot: edged active and answering again"
-if [[ ${EDGED_VM_ANSIBLE:-1} == 1 ]]; then source tests/vm/ansible_vm.sh; fi
+if [[ ${EDGED_VM_ANSIBLE:-1} == 1 ]]; then step "Ansible role"; source tests/vm/ansible_vm.sh; fi
 echo "VM TEST PASSED in $(( $(date +%s) - T0 ))s"
