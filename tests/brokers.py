@@ -14,7 +14,7 @@ MOSQUITTO = "/usr/sbin/mosquitto"
 PUSHGATEWAY = "/usr/bin/prometheus-pushgateway"
 
 
-def wait_port(port: int, timeout: float = 10.0) -> None:
+def wait_port(port: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -37,13 +37,19 @@ def server(tmp_path_factory):
     with open(log, "wb") as handle:
         proc = subprocess.Popen([sys.executable, "-m", "edged.cli", "fleet", "serve", str(served), "--port", str(port)],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=handle)
-    wait_port(port)
-    yield {"url": f"http://127.0.0.1:{port}", "port": port, "data": data, "served": served, "log": log}
-    proc.terminate()
-    proc.wait(10)
+    try:
+        wait_port(port)
+        yield {"url": f"http://127.0.0.1:{port}", "port": port, "data": data, "served": served, "log": log}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
-def _log_has(log, text: str, timeout: float = 5.0) -> bool:
+def _log_has(log, text: str, timeout: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if text in log.read_text():
