@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -114,6 +114,7 @@ class Target:
     threshold: float | None = None  # the task's default when None
     latency_runs: int = LATENCY_RUNS
     labels: list[str] | None = None
+    tune_budget_s: float = 0.0  # > 0: when int8 misses the gate, converters.tune tries others this long
 
 
 @dataclass
@@ -123,12 +124,78 @@ class Result:
     plan: Plan
 
 
+@dataclass
+class Attempt:
+    """One converted candidate in staging, with its validation report."""
+
+    label: str  # e.g. "int8", "int8, 3 nodes in float", "fp32"
+    staged: Path
+    report: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report["gate"]["passed"]) and not self.report.get("collapsed")
+
+
+@dataclass
+class ConversionSession:
+    """Everything one profile's conversion needs; ``attempt`` builds and
+    validates one candidate. ``converters.tune`` uses it to try others."""
+
+    source: Source
+    profile: Any
+    data: ConversionData
+    target: Target
+    plan: Plan
+    staging: Path
+    progress: Progress
+    started: float = field(default_factory=time.perf_counter)
+    attempts: list[Attempt] = field(default_factory=list)
+
+    def model_path(self, runtime: str) -> Path:
+        src = self.source
+        return src.static_path if runtime == "tflite" and src.static_path else src.path
+
+    def attempt(self, converter: Any, label: str) -> Attempt:
+        """Convert with ``converter`` into a fresh staging dir and validate it."""
+        from converters.base import BundleInfo
+        from edged.bundle import open_bundle
+
+        plan, profile, data = self.plan, self.profile, self.data
+        info = BundleInfo(
+            name=self.target.bundle_name, version=self.target.version, hw_profile=profile.name,
+            labels=self.target.labels, validation=data.validation,
+            extra_provenance={**plan.provenance, "calibration": data.calib_note, "source_opset": self.source.opset,
+                              "tool": "edged convert",
+                              **({"source_notes": self.source.notes} if self.source.notes else {})},
+        )
+        dest = self.staging / f"attempt-{len(self.attempts)}"
+        began = time.perf_counter()
+        with self.progress.stage(f"{profile.name}: converting to {converter.runtime} {label} "
+                                 f"with {len(data.calibration)} calibration samples"):
+            converter.convert(self.model_path(converter.runtime), profile, data.calibration, dest=dest, info=info)
+        convert_s = time.perf_counter() - began
+        self.progress.done(f"{profile.name}: converted to {converter.runtime} {label} ({convert_s:.1f}s)")
+        with self.progress.stage(f"{profile.name}: validating on {len(data.validation)} {data.validation_name} "
+                                 f"samples, {self.target.latency_runs} latency runs each"):
+            report = build_report(dest, self.source, data.validation, data.validation_name,
+                                  self.target.task, self.target.threshold, self.target.latency_runs)
+        made = open_bundle(dest).manifest.provenance
+        report.update(conversion_seconds=round(convert_s, 3), runtime=converter.runtime,
+                      precision=made.get("precision", label), profile=profile.name)
+        notes = list(plan.notes) + list(made.get("notes", []))
+        for note in made.get("notes", []):
+            self.progress.note(f"{profile.name}: {note}")
+        if notes:
+            report["notes"] = notes
+        attempt = Attempt(label, dest, report)
+        self.attempts.append(attempt)
+        return attempt
+
+
 def convert_one(source: Source, profile: Any, data: ConversionData, target: Target,
                 progress: Progress | None = None) -> Result:
     """Convert for one profile into ``target.out_dir / target.bundle_name``."""
-    from converters.base import BundleInfo
-    from edged.bundle import open_bundle, write_bundle
-
     progress = progress or QuietProgress()
     plan = plan_for(profile, source)
     for note in plan.notes:
@@ -137,36 +204,18 @@ def convert_one(source: Source, profile: Any, data: ConversionData, target: Targ
     target.out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.bundle_name}-staging-", dir=target.out_dir))
     try:
-        info = BundleInfo(
-            name=target.bundle_name, version=target.version, hw_profile=profile.name, labels=target.labels,
-            validation=data.validation,
-            extra_provenance={**plan.provenance, "calibration": data.calib_note, "source_opset": source.opset,
-                              "tool": "edged convert", **({"source_notes": source.notes} if source.notes else {})},
-        )
-        began = time.perf_counter()
-        with progress.stage(f"{profile.name}: quantizing to {plan.runtime} {plan.precision} "
-                            f"with {len(data.calibration)} calibration samples"):
-            model_path = source.static_path if plan.runtime == "tflite" and source.static_path else source.path
-            converter.convert(model_path, profile, data.calibration, dest=staging / "bundle", info=info)
-        convert_s = time.perf_counter() - began
-        progress.done(f"{profile.name}: converted to {plan.runtime} {plan.precision} ({convert_s:.1f}s)")
-        with progress.stage(f"{profile.name}: validating on {len(data.validation)} {data.validation_name} "
-                            f"samples, {target.latency_runs} latency runs each"):
-            report = build_report(staging / "bundle", source, data.validation, data.validation_name,
-                                  target.task, target.threshold, target.latency_runs)
-        made = open_bundle(staging / "bundle").manifest.provenance
-        report.update(conversion_seconds=round(convert_s, 3), runtime=plan.runtime,
-                      precision=made.get("precision", plan.precision), profile=profile.name)
-        plan.notes.extend(made.get("notes", []))
-        for note in made.get("notes", []):
-            progress.note(f"{profile.name}: {note}")
-        if plan.notes:
-            report["notes"] = plan.notes
-        _gate(report, profile.name)
-        progress.done(f"{profile.name}: validated (" + "; ".join(v["text"] for v in report["gate"]["verdicts"]) + ")")
-        bundle = _write_final(staging / "bundle", target, report, open_bundle, write_bundle)
+        session = ConversionSession(source, profile, data, target, plan, staging, progress)
+        chosen = session.attempt(converter, plan.precision)
+        if not chosen.passed and target.tune_budget_s > 0:
+            from converters.tune import tune
+
+            chosen = tune(session, chosen) or chosen
+        _gate(chosen.report, profile.name)
+        verdicts = "; ".join(v["text"] for v in chosen.report["gate"]["verdicts"])
+        progress.done(f"{profile.name}: validated ({verdicts})")
+        bundle = _write_final(chosen.staged, target, chosen.report)
         progress.done(f"{profile.name}: wrote {bundle}")
-        return Result(bundle, report, plan)
+        return Result(bundle, chosen.report, plan)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -184,8 +233,9 @@ def _gate(report: dict[str, Any], profile_name: str) -> None:
                                  f"(adjust with {hint})", report)
 
 
-def _write_final(staged: Path, target: Target, report: dict[str, Any],
-                 open_bundle: Callable[..., Any], write_bundle: Callable[..., Any]) -> Path:
+def _write_final(staged: Path, target: Target, report: dict[str, Any]) -> Path:
+    from edged.bundle import open_bundle, write_bundle
+
     trial = open_bundle(staged)
     manifest = trial.manifest
     manifest.validation = {**manifest.validation, **report}

@@ -33,7 +33,7 @@ def serve_as_is_hint(path: Path) -> str:
 
 @dataclass
 class Source:
-    path: Path  # the model as given: onnxruntime and OpenVINO take its dynamic dims
+    path: Path  # the model as given (onnxruntime and OpenVINO keep its dynamic dims), or with --input-shape fixed
     original: Path
     static_path: Path | None = None  # a copy with the dynamic dims fixed, for TFLite routes
     inputs: list[ModelInput] = field(default_factory=list)
@@ -113,8 +113,9 @@ def inspect_source(path: Path, input_shape_args: list[str], workdir: Path) -> So
         raise BadInput(f"--input-shape {unknown[0]}=...: the model has no input {unknown[0]!r}; "
                        f"its inputs are {', '.join(i.describe() for i in inputs)}")
     source = Source(path, path, None, inputs, [o.name for o in model.graph.output], opset)
-    if input_shapes:
+    if input_shapes:  # asked for: every target gets the fixed dims
         fix_input_shapes(source, model, input_shapes, workdir)
+        source.path = source.static_path or source.path
     return source
 
 
