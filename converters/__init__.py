@@ -1,4 +1,13 @@
-"""Model converters: a float32 ONNX (or Keras/SavedModel/PyTorch) model -> an edged bundle per target.
+"""Model converters: a float model -> a validated edged bundle per hardware profile.
+
+The pipeline (``edged convert``), one module per stage:
+
+* ``source``   read and check the source model, run it in float
+* ``data``     calibration / held-out samples keyed by input name
+* ``plan``     runtime, precision and converter per profile; early refusals
+* ``report``   the converted bundle against the source, per output (``metrics``)
+* ``pipeline`` one profile start to end: convert, validate, gate, write atomically
+* ``errors``   every conversion error, with codes and exit codes
 
 Each target is one module behind the ``converters.base.Converter`` protocol:
 
@@ -12,6 +21,7 @@ Each target is one module behind the ``converters.base.Converter`` protocol:
   MLP subset (translated by ``onnx_torch`` with onnx2torch) -> full-integer int8
   .tflite with litert-torch PT2E                                    edged[convert-torch]
 
+``wrap`` (``edged bundle create``) wraps a model as it is, without conversion.
 Modules import their libraries lazily; a missing one raises
 ``ConverterUnavailable`` naming the extra.
 """

@@ -163,11 +163,13 @@ def convert(
                 results.append((prof.name, "failed", str(exc)))
                 exit_code = max(exit_code, EXIT_COLLAPSED if isinstance(exc, OutputCollapsed) else EXIT_ACCURACY)
                 continue
-            except EdgedError as exc:
+            except Exception as exc:  # EdgedError, or a library failing in a way no check foresaw
+                message = str(exc) if isinstance(exc, EdgedError) else \
+                    f"{prof.name}: conversion failed unexpectedly: {type(exc).__name__}: {exc}"
                 if not all_profiles:
-                    fail(str(exc))
-                err.print(f"[red]failed[/] {prof.name}: {escape(str(exc))}", highlight=False)
-                results.append((prof.name, "failed", str(exc)))
+                    fail(message)
+                err.print(f"[red]failed[/] {prof.name}: {escape(message)}", highlight=False)
+                results.append((prof.name, "failed", message))
                 exit_code = max(exit_code, EXIT_BAD_INPUT)
                 continue
             for table in report_tables(result.report, f"{bundle_name}: validation report"):
