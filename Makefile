@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 DEMO := build/demo-bundles
 PYTEST_ARGS ?=
 
-.PHONY: help venv install install-test install-torch system-deps demo run test test-fast test-unit test-vm test-arm64 bench clean
+.PHONY: help venv install install-test install-torch install-tf system-deps demo run test test-fast test-unit test-vm test-arm64 bench clean
 
 help:
 	@echo "make run     set up .venv, build the demo bundles, serve them on 127.0.0.1:8080"
@@ -52,6 +52,30 @@ $(TORCH_VENV)/.stamp: pyproject.toml
 	touch $@
 
 install-torch: $(TORCH_VENV)/.stamp
+
+# onnx2tf (ONNX -> int8 TFLite for LSTM/GRU/SpaceToDepth/... graphs, converters/onnx_tf.py) with
+# TensorFlow in its own venv: onnx2tf 2.x needs Python >= 3.12 (TF_PYTHON, else the first python3.12+
+# found on PATH or under pyenv) and pins numpy/onnx/onnxruntime/protobuf exactly. tensorflow-cpu
+# instead of onnx2tf[tensorflow]'s full tensorflow; tf-keras 2.21 without deps (it asks for `tensorflow`,
+# which tensorflow-cpu provides). The stamp names the versions, so changing them rebuilds.
+TF_VENV := build/tf-venv
+TF_REQUIREMENTS := onnx2tf==2.6.9 tensorflow-cpu==2.21.0
+TF_STAMP := $(TF_VENV)/.stamp-onnx2tf-2.6.9-tf-2.21.0
+$(TF_STAMP):
+	@py="$(TF_PYTHON)"; \
+	if [ -z "$$py" ]; then \
+	  for c in python3.12 python3.13 python3.14 $$HOME/.pyenv/versions/3.1[2-9]*/bin/python3; do \
+	    if "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then py="$$c"; break; fi; \
+	  done; \
+	fi; \
+	if [ -z "$$py" ]; then echo "error: make install-tf needs Python >= 3.12 for onnx2tf 2.x: set TF_PYTHON=/path/to/python3.12"; exit 1; fi; \
+	echo "creating $(TF_VENV) with $$py"; rm -rf $(TF_VENV); "$$py" -m venv $(TF_VENV)
+	$(TF_VENV)/bin/pip install --quiet --upgrade pip
+	$(TF_VENV)/bin/pip install --quiet $(TF_REQUIREMENTS)
+	$(TF_VENV)/bin/pip install --quiet --no-deps tf-keras==2.21.0
+	touch $@
+
+install-tf: $(TF_STAMP)
 
 # mosquitto, the pushgateway and promtool are Debian packages; apt starts neither service.
 system-deps:
