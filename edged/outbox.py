@@ -45,7 +45,9 @@ class Outbox:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # FULL: in WAL mode SQLite syncs the WAL at every commit, so a committed (acknowledged)
+        # row survives power loss; NORMAL may roll the last commits back (sqlite.org/pragma.html).
+        self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,"
             " payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, properties TEXT NOT NULL,"
@@ -119,6 +121,13 @@ class Outbox:
         with self._lock:
             row = self._db.execute("SELECT created FROM outbox ORDER BY id LIMIT 1").fetchone()
         return max(0.0, time.time() - row[0]) if row else 0.0
+
+    def durability(self) -> tuple[str, str]:
+        """The journal mode and synchronous level in force, e.g. ("wal", "full")."""
+        with self._lock:
+            mode = str(self._db.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+            level = int(self._db.execute("PRAGMA synchronous").fetchone()[0])
+        return mode, {0: "off", 1: "normal", 2: "full", 3: "extra"}.get(level, str(level))
 
     def close(self) -> None:
         with self._lock:
