@@ -37,17 +37,15 @@ install-test: $(VENV)/.stamp-test
 
 # PyTorch -> TFLite (litert-torch: torch, jax, transformers, several GB) lives in its own venv,
 # like a build machine, so .venv stays small; the tests call its `edged convert`.
-# torch goes in first, pinned: PyPI has no CPU-only torch for Linux x86_64 (its wheels
-# pull ~3 GB of nvidia-* CUDA libraries and ~0.9 GB of triton; the +cpu builds live only
-# on PyTorch's own index). pip takes torch==2.13.0 from a local CPU wheel where one is
-# on disk (pip's find-links, as on the CI machines), else PyPI's CUDA build. With access
-# to PyTorch's index: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# It is PyPI's torch, the CUDA build: PyPI has no CPU-only torch for Linux x86_64 (the +cpu
+# builds are only on PyTorch's own index), and the CUDA build does not import without its
+# nvidia-* libraries (libcudnn...). A local torch +cpu wheel does not help either: onnx2torch
+# imports torchvision, whose PyPI builds need the CUDA torch of the same release (0.29.1
+# upgrades torch to 2.14.1; 0.28.0 beside torch 2.13.0+cpu fails with "operator
+# torchvision::nms does not exist"). Cost: about 6.8 GB, 3.2 GB of it nvidia-*.
 TORCH_VENV := build/torch-venv
-TORCH_SPEC ?= torch==2.13.0
-TORCH_INDEX ?=
 $(TORCH_VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(TORCH_VENV)
-	$(TORCH_VENV)/bin/pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH_SPEC)'
 	$(TORCH_VENV)/bin/pip install --quiet -e '.[convert-torch,onnx]'
 	touch $@
 
@@ -102,9 +100,9 @@ test: system-deps install-test install-torch
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
-# Every test but the heavy conversion routes (PyTorch and TensorFlow sources, which need
+# Every test but the heavy conversion routes (PyTorch, TensorFlow and onnx2tf, which need
 # their own build venvs): a quick local loop. CI runs the full `make test`.
-HEAVY_TESTS := tests/e2e/test_convert_torch.py tests/e2e/test_convert_tf.py
+HEAVY_TESTS := tests/e2e/test_convert_torch.py tests/e2e/test_convert_tf.py tests/e2e/test_convert_onnx_tf.py
 test-fast: system-deps install-test
 	$(PY) -m pytest $(addprefix --ignore=,$(HEAVY_TESTS)) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
