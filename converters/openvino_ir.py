@@ -3,7 +3,12 @@
 ``ov.convert_model`` with a static input shape (every dimension but the
 batch, which stays dynamic unless ``batch`` is given), then either
 ``ov.save_model(compress_to_fp16=True)`` (fp16) or ``nncf.quantize`` with the
-calibration data (int8, weights and activations; inputs stay float32).
+calibration data (int8, weights and activations; inputs stay float32); fp32
+saves the IR as it is. For int8, ``preset`` picks nncf's quantization preset
+(performance: symmetric activations, mixed: asymmetric) and ``float_nodes``
+keeps operations in float through an nncf ``IgnoredScope``: ONNX node names
+or the names of the tensors they produce, mapped onto the OpenVINO graph
+(``converters.tune`` finds them).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from edged.tensors import TensorSpec
 
 EXTRA = "convert-openvino"
 LAYOUTS = {2: "NC", 3: "NCW", 4: "NCHW"}
+PRESETS = ("performance", "mixed")
 
 
 def _specs(ports: Any) -> list[TensorSpec]:
@@ -50,9 +56,14 @@ class OpenVinoConverter:
     runtime = "openvino"
     extra = EXTRA
 
-    def __init__(self, precision: str | None = None, batch: int | None = None) -> None:
+    def __init__(self, precision: str | None = None, batch: int | None = None, preset: str | None = None,
+                 float_nodes: tuple[str, ...] | list[str] = ()) -> None:
+        if preset not in (None, *PRESETS):
+            raise ConversionError(f"unknown nncf preset {preset!r}; expected {', '.join(PRESETS)}")
         self.precision = precision
         self.batch = batch  # None: dynamic batch dimension
+        self.preset = preset  # None: nncf's default (performance)
+        self.float_nodes = tuple(float_nodes)
 
     def convert(self, source: Path, profile: Any, calibration: Samples | np.ndarray, *, dest: Path,
                 info: BundleInfo) -> Bundle:
@@ -79,10 +90,24 @@ class OpenVinoConverter:
                 raise
             tools["nncf"] = dist_version("nncf")
             dataset = nncf.Dataset(list(samples))
+            options: dict[str, Any] = {}
+            if self.preset:
+                options["preset"] = nncf.QuantizationPreset(self.preset)
+                provenance["nncf_preset"] = self.preset
+            if self.float_nodes:
+                ignored = ov_op_names(ov_model, self.float_nodes)
+                options["ignored_scope"] = nncf.IgnoredScope(names=ignored, validate=False)
+                provenance["float_nodes"] = ignored
+            import logging
+
+            quiet = logging.getLogger("nncf")  # one INFO line per ignored node otherwise
+            level, quiet.level = quiet.level, logging.WARNING
             try:
-                ov_model = nncf.quantize(ov_model, dataset, subset_size=len(samples))
+                ov_model = nncf.quantize(ov_model, dataset, subset_size=len(samples), **options)
             except Exception as exc:
                 raise ConversionError(f"{source.name}: nncf.quantize failed: {exc}") from None
+            finally:
+                quiet.level = level
             compress = False
         elif precision in ("fp16", "fp32"):
             compress = precision == "fp16"
@@ -121,6 +146,19 @@ class OpenVinoConverter:
         if shape and spec.shape and spec.shape[0] < 0:
             shape[0] = self.batch or -1
         return shape
+
+
+def ov_op_names(ov_model: Any, wanted: tuple[str, ...]) -> list[str]:
+    """OpenVINO operations named in ``wanted`` (by friendly name), or producing
+    a tensor named there (ONNX tensor names survive ``convert_model``)."""
+    wanted_set, found = set(wanted), []
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() in ("Parameter", "Result", "Constant"):
+            continue
+        names = {op.get_friendly_name()} | {n for out in op.outputs() for n in out.get_names()}
+        if names & wanted_set:
+            found.append(op.get_friendly_name())
+    return found
 
 
 def _first_reason(exc: Exception) -> str:

@@ -197,7 +197,12 @@ def convert_one(source: Source, profile: Any, data: ConversionData, target: Targ
                 progress: Progress | None = None) -> Result:
     """Convert for one profile into ``target.out_dir / target.bundle_name``."""
     progress = progress or QuietProgress()
-    plan = plan_for(profile, source)
+    if profile.precision == "auto":  # converters.precision: every candidate built and timed
+        from converters.precision import plan_auto
+
+        plan = plan_auto(profile, source)
+    else:
+        plan = plan_for(profile, source)
     for note in plan.notes:
         progress.note(f"{profile.name}: {note}")
     converter = make_converter(plan, profile, source)
@@ -205,11 +210,20 @@ def convert_one(source: Source, profile: Any, data: ConversionData, target: Targ
     staging = Path(tempfile.mkdtemp(prefix=f".{target.bundle_name}-staging-", dir=target.out_dir))
     try:
         session = ConversionSession(source, profile, data, target, plan, staging, progress)
-        chosen = session.attempt(converter, plan.precision)
-        if not chosen.passed and target.tune_budget_s > 0:
-            from converters.tune import tune
+        if plan.precision == "auto":
+            from converters.precision import choose
 
-            chosen = tune(session, chosen) or chosen
+            chosen = choose(session, converter)
+        else:
+            chosen = session.attempt(converter, plan.precision)
+            if not chosen.passed and target.tune_budget_s > 0:
+                from converters.tune import tune
+
+                chosen = tune(session, chosen) or chosen
+            if chosen.passed:  # latency against fp32 on the same runtime, whatever the precision
+                from converters.precision import compare_with_fp32
+
+                compare_with_fp32(session, chosen)
         _gate(chosen.report, profile.name)
         verdicts = "; ".join(v["text"] for v in chosen.report["gate"]["verdicts"])
         progress.done(f"{profile.name}: validated ({verdicts})")

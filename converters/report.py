@@ -148,4 +148,39 @@ def report_tables(report: dict[str, Any], title: str) -> list[Any]:
     figures.add_row("size", f"{size['source'] / 1024:.1f} KiB", f"{size['converted'] / 1024:.1f} KiB")
     if "conversion_seconds" in report:
         figures.add_row("conversion time", "", f"{report['conversion_seconds']:.2f} s")
-    return [outputs, figures]
+    return [outputs, figures, *same_runtime_tables(report)]
+
+
+# -- converters.precision: candidates and latency on the target runtime ------
+
+def same_runtime_tables(report: dict[str, Any]) -> list[Any]:
+    """The auto-precision candidates, or the chosen model against fp32, timed
+    on the same runtime (``precision_auto`` / ``latency_same_runtime``)."""
+    from rich.table import Table
+
+    same = report.get("latency_same_runtime") or {}
+    auto = report.get("precision_auto")
+    if auto:
+        table = Table(title=f"auto precision on {same.get('runtime', report.get('runtime', '?'))}: "
+                            f"{auto['chosen']} ({auto['why']})")
+        for col in ("candidate", "gate", "p50 ms", "p90 ms", "vs fp32", "size"):
+            table.add_column(col, justify="left" if col in ("candidate", "gate") else "right")
+        for row in auto["candidates"]:
+            lat = row.get("latency_ms") or {}
+            gate = "pass" if row.get("passed") else ("n/a" if row.get("skipped") else
+                                                     "error" if "error" in row else "FAIL")
+            table.add_row(("* " if row["label"] == auto["chosen"] else "  ") + row["label"], gate,
+                          f"{lat['p50']:.3f}" if lat else "-", f"{lat['p90']:.3f}" if lat else "-",
+                          f"{row['vs_fp32']:.2f}x" if "vs_fp32" in row else "-",
+                          f"{row['size_bytes'] / 1024:.1f} KiB" if row.get("size_bytes") else "-")
+        return [table]
+    if "fp32" not in same:
+        return []
+    table = Table(title=f"latency on {same['runtime']} (same runtime, interleaved, batch 1)")
+    for col in ("", "p50 ms", "p90 ms", "vs fp32"):
+        table.add_column(col, justify="left" if not col else "right")
+    chosen = same["chosen"]
+    table.add_row(chosen["label"], f"{chosen['p50']:.3f}", f"{chosen['p90']:.3f}", f"{same['chosen_vs_fp32']:.2f}x")
+    if chosen["label"] != "fp32":
+        table.add_row("fp32", f"{same['fp32']['p50']:.3f}", f"{same['fp32']['p90']:.3f}", "1.00x")
+    return [table]

@@ -20,6 +20,7 @@ from edged.errors import ConfigError
 
 RUNTIMES = ("tflite", "onnx", "openvino")
 PRECISIONS = ("int8", "fp16", "fp32")
+AUTO = "auto"  # runtime.precision only: edged convert builds int8, fp16, fp32 and keeps the fastest that passes
 _TOP_KEYS = {"name", "description", "detect", "runtime", "budget"}
 _DETECT_KEYS = {"arch", "cpu_vendor", "cpu_part", "cpu_flags", "device_tree_model", "nv_tegra_release"}
 _RUNTIME_KEYS = {"preference", "precision", "output", "fallback_precision", "tflite", "onnx", "openvino"}
@@ -116,8 +117,9 @@ def load_profile(path: Path) -> Profile:
         if r not in RUNTIMES:
             raise ProfileError(f"{src}: key runtime.preference: unknown runtime {r!r}; known: {', '.join(RUNTIMES)}")
     precision = runtime.get("precision", "int8")
-    if precision not in PRECISIONS:
-        raise ProfileError(f"{src}: key runtime.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in (*PRECISIONS, AUTO):
+        raise ProfileError(f"{src}: key runtime.precision must be one of {', '.join((*PRECISIONS, AUTO))}, "
+                           f"got {precision!r}")
     fallback = runtime.get("fallback_precision")
     if fallback is not None and fallback not in PRECISIONS:
         raise ProfileError(f"{src}: key runtime.fallback_precision must be one of {', '.join(PRECISIONS)}")

@@ -23,6 +23,8 @@ from converters.pipeline import DEFAULT_CALIB_SAMPLES
 from converters.report import LATENCY_RUNS
 
 TASK_NAMES = [t for t in TASKS if t != "auto"]
+PRECISION_NAMES = ("int8", "fp16", "fp32", "auto")
+DEFAULT_TUNE_BUDGET_S = 300.0
 
 
 class ConsoleProgress:
@@ -80,6 +82,13 @@ def convert(
         [], "--input-shape", help="Fix dynamic dims: NAME=1,3,48,320 (repeat per input; 1,3,48,320 for a "
         "single input). Default: the shape of the calibration data."),
     latency_runs: int = typer.Option(LATENCY_RUNS, "--latency-runs", min=1, help="Batch-1 runs per model for the latency figures."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="int8, fp16, fp32 or auto (overrides the profile's). auto builds int8, int8 with "
+        "float layers, fp16 and fp32, times them on the target runtime and keeps the fastest that passes the gate."),
+    tune_budget_s: float = typer.Option(
+        DEFAULT_TUNE_BUDGET_S, "--tune-budget-s", min=0,
+        help="Seconds to spend when int8 misses the gate: other calibration settings, then the most sensitive "
+        "layers kept in float; when nothing passes, fp16 or fp32 on the same runtime. 0: no tuning."),
 ) -> None:
     """Convert a float32 model into a quantized, validated bundle per hardware profile.
 
@@ -114,10 +123,16 @@ def convert(
         fail(f"--task {task}: unknown task; choose one of {', '.join(TASK_NAMES)}")
     if max_accuracy_drop is not None and gate_threshold is not None:
         fail("give --max-accuracy-drop or --gate-threshold, not both")
+    if precision is not None and precision not in PRECISION_NAMES:
+        fail(f"--precision {precision}: unknown precision; choose one of {', '.join(PRECISION_NAMES)}")
     try:
         profiles = list(load_all().values()) if all_profiles else [get_profile(profile or "")]
     except ProfileError as exc:
         fail(str(exc))
+    if precision is not None:  # --precision overrides every profile's
+        import dataclasses
+
+        profiles = [dataclasses.replace(p, precision=precision) for p in profiles]
     base_name = name or re.sub(r"[^A-Za-z0-9_.-]", "-", source.stem)
     progress = ConsoleProgress(err)
     work = Path(tempfile.mkdtemp(prefix="edged-convert-"))
@@ -147,7 +162,7 @@ def convert(
         exit_code = 0
         for prof in profiles:
             bundle_name = f"{base_name}-{prof.name}" if all_profiles else base_name
-            target = Target(out, bundle_name, version, chosen, threshold, latency_runs)
+            target = Target(out, bundle_name, version, chosen, threshold, latency_runs, tune_budget_s=tune_budget_s)
             try:
                 result = convert_one(src, prof, data, target, progress)
             except (Skipped, UnsupportedOp) as exc:
