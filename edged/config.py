@@ -81,7 +81,9 @@ class OtaConfig:
     enabled: bool = False
     groups: list[str] = field(default_factory=list)  # fleet groups this device follows
     trusted_keys_dir: str = "/etc/edged/trusted-keys"
-    allow_unsigned: bool = False  # development only: accept bundles without a trusted signature
+    allow_unsigned: bool = False  # development only: accept unsigned bundles and unsigned update intents
+    # Devices download only from URLs under these prefixes ([] = any URL a signed intent names).
+    allowed_url_prefixes: list[str] = field(default_factory=list)
     keep_versions: int = 3  # installed versions kept per model (the active one included)
     max_bundle_bytes: int = 2 * 1024 * 1024 * 1024
     download_timeout_s: float = 30.0  # per connection attempt and read

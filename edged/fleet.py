@@ -229,15 +229,22 @@ def read_archive_manifest(archive: Path) -> tuple[Manifest, Signature | None]:
 
 def build_message(
     archive: Path, url: str, devices: list[str] | None = None, canary_percent: float = 100.0,
-    allow_downgrade: bool = False, allow_unsigned: bool = False,
+    allow_downgrade: bool = False, allow_unsigned: bool = False, fleet_key: Path | None = None,
 ) -> OtaMessage:
     """Describe a signed bundle archive as an OTA message: model and version from
-    its manifest, signature from its manifest.sig, sha256 and size of the archive.
+    its manifest, signature from its manifest.sig, sha256 and size of the archive,
+    the whole message then signed with the fleet key (its intent signature).
     A URL ending in "/" gets the archive's file name appended. The result is
     checked the way devices check it, so what devices would refuse fails here."""
     manifest, signature = read_archive_manifest(archive)
     if signature is None and not allow_unsigned:
         raise SignatureError(f"{archive.name} is not signed: run `edged bundle sign` first (or pass --allow-unsigned)")
+    if fleet_key is None and not allow_unsigned:
+        raise SignatureError(
+            "--key FLEET.key is required: devices act only on update intents signed by a key in their "
+            "ota.trusted_keys_dir (or pass --allow-unsigned for development devices with ota.allow_unsigned)"
+        )
+    private_key = signing.load_private_key(fleet_key) if fleet_key is not None else None
     if not 0 <= canary_percent <= 100:
         raise ConfigError("--canary must be between 0 and 100")
     if not url.startswith(("http://", "https://")):
@@ -250,6 +257,8 @@ def build_message(
         rollout=Rollout(devices=list(devices or []), canary_percent=canary_percent),
         allow_downgrade=allow_downgrade, published_at=time.time(),
     )
+    if private_key is not None:
+        message.sign(private_key)
     try:
         OtaMessage.parse(message.to_dict())
     except UpdateRefused as exc:

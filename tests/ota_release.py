@@ -22,10 +22,16 @@ class Keys:
     key_id: str
 
 
+# key id -> private key file of every pair make_keys wrote in this process, so that
+# message_for signs an intent with the key that signed the release's bundle.
+_PRIVATE_KEYS: dict[str, Path] = {}
+
+
 def make_keys(directory: Path, name: str = "fleet") -> Keys:
     """A key pair; the public key alone sits in ``directory/trusted`` (a device's trust dir)."""
     trusted = directory / f"trusted-{name}"
     key_id = generate_keypair(directory / f"{name}.key", trusted / f"{name}.pub")
+    _PRIVATE_KEYS[key_id] = directory / f"{name}.key"
     return Keys(private=directory / f"{name}.key", trusted_dir=trusted, key_id=key_id)
 
 
@@ -58,16 +64,22 @@ def pack(root: Path, serve_dir: Path) -> Path:
 
 
 def message_for(archive: Path, base_url: str, root: Path, devices: list[str] | None = None,
-                canary: float = 100.0, allow_downgrade: bool = False) -> OtaMessage:
+                canary: float = 100.0, allow_downgrade: bool = False, key: Path | None = None) -> OtaMessage:
+    """The OTA message for a packed release, its intent signed with ``key`` (default:
+    the private key that signed the bundle, when make_keys made it; else unsigned)."""
     from edged.signing import read_signature
 
     manifest = open_bundle(root, verify=False).manifest
-    return OtaMessage(
+    bundle_signature = read_signature(root)
+    message = OtaMessage(
         model=manifest.name, version=manifest.version, url=f"{base_url.rstrip('/')}/{archive.name}",
-        sha256=sha256_file(archive), size=archive.stat().st_size, signature=read_signature(root),
+        sha256=sha256_file(archive), size=archive.stat().st_size, signature=bundle_signature,
         rollout=Rollout(devices=list(devices or []), canary_percent=canary),
         allow_downgrade=allow_downgrade, published_at=time.time(),
     )
+    if key is None and bundle_signature is not None:
+        key = _PRIVATE_KEYS.get(bundle_signature.key_id)
+    return message.sign(load_private_key(key)) if key is not None else message
 
 
 def expected_outputs(root: Path, x: np.ndarray) -> dict[str, np.ndarray]:

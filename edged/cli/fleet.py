@@ -163,7 +163,8 @@ def fleet_publish(
     devices: Optional[str] = typer.Option(None, "--devices", help="Comma-separated device ids: with --group, only these; alone, one topic per device."),
     canary: float = typer.Option(100.0, "--canary", help="Percent of the targeted devices that update (a stable slice per release)."),
     allow_downgrade: bool = typer.Option(False, "--allow-downgrade", help="Let devices go to a lower version than they run."),
-    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Publish an unsigned bundle (devices refuse it unless ota.allow_unsigned)."),
+    key: Optional[Path] = typer.Option(None, "--key", "-k", envvar="EDGED_FLEET_KEY", help="Fleet private key (from `edged keys generate`) that signs the update intent; devices trust its .pub in ota.trusted_keys_dir."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Publish an unsigned bundle or an unsigned intent (devices refuse both unless ota.allow_unsigned, a development setting)."),
     clear: bool = typer.Option(False, "--clear", help="Remove the retained update message instead (devices keep what they run)."),
     broker: str = BROKER_OPTION,
     topic_prefix: str = PREFIX_OPTION,
@@ -172,10 +173,11 @@ def fleet_publish(
     """Publish a retained OTA update message (QoS 1, acknowledged by the broker) for
     a group (topic PREFIX/fleet/GROUP/ota/MODEL) or for single devices (topic
     PREFIX/DEVICE/ota/update/MODEL). Model, version, signature, sha256 and size come
-    from the archive.
+    from the archive; the whole message (url, rollout, --allow-downgrade and the rest)
+    is signed with the fleet key (--key), and devices refuse it if any field changes.
 
-    Examples: `edged fleet publish digits-2.0.0.tar.gz --group line1 --url http://10.0.0.5:8000/ --canary 10`;
-    `edged fleet publish digits-2.0.0.tar.gz --devices press-07 --url http://10.0.0.5:8000/`;
+    Examples: `edged fleet publish digits-2.0.0.tar.gz --key keys/edged.key --group line1 --url http://10.0.0.5:8000/ --canary 10`;
+    `edged fleet publish digits-2.0.0.tar.gz --key keys/edged.key --devices press-07 --url http://10.0.0.5:8000/`;
     `edged fleet publish digits-2.0.0.tar.gz --group line1 --clear`.
     """
     from edged.fleet import build_message, publish, read_archive_manifest, topics_for, unpublish
@@ -191,13 +193,15 @@ def fleet_publish(
             unpublish(target, topics)
             typer.echo(f"cleared {', '.join(topics)}")
             return
-        message = build_message(archive, url, device_list if group else [], canary, allow_downgrade, allow_unsigned)
+        message = build_message(archive, url, device_list if group else [], canary, allow_downgrade, allow_unsigned,
+                                fleet_key=key)
         topics = topics_for(target, message.model, group, device_list)
         publish(target, topics, message.to_json())
     except EdgedError as exc:
         _fail(str(exc))
-    typer.echo(f"published {message.model} {message.version} ({message.size} bytes, sha256 {message.sha256[:12]}…) "
-               f"to {', '.join(topics)}")
+    signed = f"intent signed by key {message.intent_signature.key_id}" if message.intent_signature else "UNSIGNED intent"
+    typer.echo(f"published {message.model} {message.version} ({message.size} bytes, sha256 {message.sha256[:12]}…, "
+               f"{signed}) to {', '.join(topics)}")
 
 
 def fleet_status(

@@ -49,10 +49,12 @@ def download(
     progress: Callable[[int, int], None] | None = None,
     stop: threading.Event | None = None,
     resumes: list[int] | None = None,
+    url_allowed: Callable[[str], bool] | None = None,
 ) -> Path:
     """Download ``url`` to ``dest``, resuming from ``dest.part`` with a Range
     request. Returns ``dest`` once it holds exactly ``size`` bytes; the byte
-    offsets it resumed from are appended to ``resumes``."""
+    offsets it resumed from are appended to ``resumes``. A redirect to a URL
+    that ``url_allowed`` rejects is refused (UpdateRefused)."""
     if size > policy.max_bytes:
         raise UpdateRefused(f"bundle is {size} bytes, over the limit of {policy.max_bytes} (ota.max_bundle_bytes)")
     if dest.is_file() and dest.stat().st_size == size:
@@ -64,7 +66,7 @@ def download(
         try:
             if resumes is not None and part.exists() and 0 < part.stat().st_size < size:
                 resumes.append(part.stat().st_size)
-            _fetch(url, part, size, policy.timeout_s, progress, stop)
+            _fetch(url, part, size, policy.timeout_s, progress, stop, url_allowed)
             part.replace(dest)
             return dest
         except UpdateRefused:
@@ -83,8 +85,22 @@ def download(
                 time.sleep(delay)
 
 
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to a URL the policy allows."""
+
+    def __init__(self, url_allowed: Callable[[str], bool]) -> None:
+        super().__init__()
+        self.url_allowed = url_allowed
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        if not self.url_allowed(newurl):
+            raise UpdateRefused(f"bundle server redirected to {newurl!r}, outside ota.allowed_url_prefixes")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def _fetch(url: str, part: Path, size: int, timeout: float,
-           progress: Callable[[int, int], None] | None, stop: threading.Event | None) -> None:
+           progress: Callable[[int, int], None] | None, stop: threading.Event | None,
+           url_allowed: Callable[[str], bool] | None = None) -> None:
     have = part.stat().st_size if part.exists() else 0
     if have > size:
         part.unlink()
@@ -96,7 +112,8 @@ def _fetch(url: str, part: Path, size: int, timeout: float,
         headers["Range"] = f"bytes={have}-"
     request = urllib.request.Request(url, headers=headers)
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        opener = urllib.request.build_opener(*([_CheckedRedirects(url_allowed)] if url_allowed else []))
+        response = opener.open(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:
             part.unlink()  # our partial file no longer fits the server's: start over

@@ -12,7 +12,12 @@ Payload (JSON)::
      "url": "http://fleet:8000/digits-2.0.0.tar.gz", "sha256": "...", "size": 123456,
      "signature": {"alg": "ed25519", "key_id": "...", "signature": "..."},
      "rollout": {"devices": [], "canary_percent": 100},
-     "allow_downgrade": false, "published_at": 1764000000.0}
+     "allow_downgrade": false, "published_at": 1764000000.0,
+     "intent_signature": {"alg": "ed25519", "key_id": "...", "signature": "..."}}
+
+``signature`` is the bundle's own manifest signature; ``intent_signature`` is the
+fleet key's signature over every other field of the message (see
+``edged.ota.intent``): devices act only on intents signed by a trusted key.
 """
 
 from __future__ import annotations
@@ -63,6 +68,10 @@ class OtaMessage:
     rollout: Rollout = field(default_factory=Rollout)
     allow_downgrade: bool = False
     published_at: float = field(default_factory=time.time)
+    intent_signature: Signature | None = None
+    # The canonical bytes of the message as received (set by parse): what the
+    # intent signature must cover. None for a message built in code.
+    received: bytes | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,7 +79,22 @@ class OtaMessage:
             "size": self.size, "signature": self.signature.to_dict() if self.signature else None,
             "rollout": self.rollout.to_dict(), "allow_downgrade": self.allow_downgrade,
             "published_at": self.published_at,
+            "intent_signature": self.intent_signature.to_dict() if self.intent_signature else None,
         }
+
+    def signed_payload(self) -> bytes:
+        """The bytes the intent signature covers (the received message, else this one)."""
+        from edged.ota.intent import canonical_bytes
+
+        return self.received if self.received is not None else canonical_bytes(self.to_dict())
+
+    def sign(self, private_key: Any) -> "OtaMessage":
+        """Sign this message's intent with the fleet key (after every field is final)."""
+        from edged.ota.intent import sign_intent
+
+        self.received = None
+        self.intent_signature = sign_intent(self.to_dict(), private_key)
+        return self
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict()).encode()
@@ -134,9 +158,12 @@ class OtaMessage:
         allow_downgrade = data.get("allow_downgrade", False)
         if not isinstance(allow_downgrade, bool):
             raise UpdateRefused("OTA message: allow_downgrade must be true or false")
+        from edged.ota.intent import canonical_bytes, parse_intent_signature
+
         return cls(
             model=model, version=version, url=url, sha256=sha256, size=size, signature=signature,
             rollout=rollout, allow_downgrade=allow_downgrade, published_at=published_at,
+            intent_signature=parse_intent_signature(data), received=canonical_bytes(data),
         )
 
     def targets(self, device: str) -> bool:

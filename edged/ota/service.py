@@ -49,13 +49,13 @@ class OtaService:
             return  # a cleared retained message
         try:
             message = OtaMessage.parse(payload)
+            if topic.rsplit("/", 1)[-1] != message.model:
+                log.error("OTA message on %s names model %s; ignored", topic, message.model)
+                return
+            result = self.updater.submit(message)
         except UpdateRefused as exc:
             log.error("OTA message on %s refused: %s", topic, exc)
             return
-        if topic.rsplit("/", 1)[-1] != message.model:
-            log.error("OTA message on %s names model %s; ignored", topic, message.model)
-            return
-        result = self.updater.submit(message)
         log.info("OTA message on %s for %s %s: %s", topic, message.model, message.version, result)
 
     def _publish_status(self, status: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from edged.errors import BundleError, EdgedError, ModelNotFound, SignatureError,
 from edged.metrics import Metrics
 from edged.model import LoadedModel
 from edged.ota.download import DownloadPolicy, check_disk_space, download
+from edged.ota.intent import REFUSALS, IntentGate, url_allowed
 from edged.ota.message import OtaMessage
 from edged.ota.store import ModelStore
 from edged.registry import ModelRegistry
@@ -79,6 +80,10 @@ class Updater:
         self._crash_at = os.environ.get(CRASH_ENV, "")
         self._last_progress = 0.0
         self._setup_metrics(metrics)
+        self.gate = IntentGate(
+            config.resolve(self.cfg.trusted_keys_dir), self.work / "intents.json", self.cfg.allow_unsigned,
+            self.cfg.allowed_url_prefixes, on_refused=lambda kind: self.m_intents_refused.labels(kind).inc(),
+        )
 
     # -- metrics ------------------------------------------------------------
     def _setup_metrics(self, metrics: Metrics) -> None:
@@ -89,6 +94,10 @@ class Updater:
         self.m_updates = Counter("edged_ota_updates", "OTA update attempts by result.", ["model", "result"], registry=r)
         self.m_rollbacks = Counter("edged_ota_rollbacks", "Rollbacks to a previous version.", ["model"], registry=r)
         self.m_bytes = Counter("edged_ota_download_bytes", "Bytes downloaded for OTA updates.", registry=r)
+        self.m_intents_refused = Counter("edged_ota_intents_refused", "OTA messages refused before any action, by reason.",
+                                         ["reason"], registry=r)
+        for kind in REFUSALS:
+            self.m_intents_refused.labels(kind)
 
     # -- lifecycle ------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -195,9 +204,13 @@ class Updater:
 
     # -- intake ---------------------------------------------------------------
     def submit(self, message: OtaMessage) -> str:
-        """Queue an update; the newest message per model wins. Returns what was done."""
+        """Queue an update; the newest message per model wins. Returns what was done.
+        Raises UpdateRefused when the intent is unsigned, altered, signed by an
+        unknown key, names a URL outside ota.allowed_url_prefixes, or is a replay."""
+        self.gate.verify(message)
         if not message.targets(self.device):
             return "not targeted"
+        self.gate.admit(message)
         with self._lock:
             self._pending[message.model] = message
             worker = self._workers.get(message.model)
@@ -288,7 +301,7 @@ class Updater:
         resumes: list[int] = []
         already = archive.exists()
         download(message.url, archive, message.size, policy, lambda got, total: self._progress(model, got, total),
-                 self._stop, resumes)
+                 self._stop, resumes, lambda url: url_allowed(url, self.cfg.allowed_url_prefixes))
         if not already:
             self.m_bytes.inc(message.size - (resumes[0] if resumes else 0))
         journal["download_resumed_from"] = resumes

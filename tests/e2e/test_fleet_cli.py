@@ -174,7 +174,7 @@ def test_publish_to_a_group(tmp_path, demo_bundles, signing_key, mqtt_broker):
     client, got, event = _subscribe(mqtt_broker.port, "edged/fleet/g1/ota/+")
     try:
         result = edged("fleet", "publish", str(archive), "--group", "g1", "--devices", "a,b", "--canary", "50",
-                       "--url", "http://127.0.0.1:8000/", "--broker", broker)
+                       "--url", "http://127.0.0.1:8000/", "--broker", broker, "--key", str(signing_key))
         assert result.returncode == 0, result.stderr
         assert event.wait(10)
     finally:
@@ -188,6 +188,12 @@ def test_publish_to_a_group(tmp_path, demo_bundles, signing_key, mqtt_broker):
     assert body["signature"]["alg"] == "ed25519" and len(body["signature"]["key_id"]) == 16
     assert body["rollout"] == {"devices": ["a", "b"], "canary_percent": 50.0}
     assert body["allow_downgrade"] is False and body["published_at"] > 0
+    # The whole message is signed with the fleet key (the intent), beside the bundle's signature.
+    assert body["intent_signature"]["alg"] == "ed25519"
+    assert body["intent_signature"]["key_id"] == body["signature"]["key_id"]
+    unkeyed = edged("fleet", "publish", str(archive), "--group", "g1", "--url", "http://127.0.0.1:8000/",
+                    "--broker", broker)
+    assert unkeyed.returncode != 0 and "--key FLEET.key is required" in unkeyed.stderr
 
     # Retained: a device that connects later still gets it; --clear removes it.
     later = _retained(mqtt_broker.port, "edged/fleet/g1/ota/+")
@@ -197,8 +203,9 @@ def test_publish_to_a_group(tmp_path, demo_bundles, signing_key, mqtt_broker):
     assert _retained(mqtt_broker.port, "edged/fleet/g1/ota/+") == []
 
 
-def test_publish_to_devices_and_refusals(signed_archive, mqtt_broker):
+def test_publish_to_devices_and_refusals(signed_archive, signing_key, mqtt_broker, monkeypatch):
     broker = f"127.0.0.1:{mqtt_broker.port}"
+    monkeypatch.setenv("EDGED_FLEET_KEY", str(signing_key))  # --key from the environment
     result = edged("fleet", "publish", str(signed_archive), "--devices", "d1,d2", "--allow-downgrade",
                    "--url", "https://fleet.example/b.tar.gz", "--broker", broker, "--topic-prefix", "site")
     assert result.returncode == 0, result.stderr

@@ -18,6 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edged.ota.message import OtaMessage, device_topic, group_topic
+from edged.signing import load_private_key
 from tests.brokers import wait_port
 from tests.helpers import DEMO_BUNDLES, REPO, DaemonProcess, free_port, http, start_daemon
 from tests.ota_release import Keys, expected_outputs, make_keys, make_release, message_for, pack
@@ -166,7 +167,7 @@ def test_publish_to_one_group_moves_only_its_devices(tmp_path, mqtt_broker, bund
     try:
         result = subprocess.run(
             [sys.executable, "-m", "edged.cli", "fleet", "publish", str(archive), "--group", "line1",
-             "--url", base_url, "--broker", f"127.0.0.1:{mqtt_broker.port}"],
+             "--url", base_url, "--broker", f"127.0.0.1:{mqtt_broker.port}", "--key", str(keys.private)],
             capture_output=True, text=True, cwd=REPO, timeout=60,
         )
         assert result.returncode == 0, result.stdout + result.stderr
@@ -216,13 +217,15 @@ def test_bad_updates_are_refused_and_v1_keeps_serving(case, words, tmp_path, mqt
         release = copy
         words = model_file.name
     archive = pack(release, served_dir / case)
-    message = message_for(archive, base_url + case + "/", release)
+    # The fleet signs each intent (even for a bad bundle): what is refused here is the bundle.
+    message = message_for(archive, base_url + case + "/", release, key=keys.private)
     if case == "bad-signature":
         sig = bytearray(message.signature.signature)
         sig[0] ^= 0x01
         message.signature = type(message.signature)(key_id=message.signature.key_id, signature=bytes(sig))
     if case == "wrong-sha":
         message.sha256 = "0" * 64
+    message.sign(load_private_key(keys.private))
     device = start_device(tmp_path / "dev", "dev-r", mqtt_broker.port, keys.trusted_dir, [], releases["1.0.0"])
     topic = device_topic("edged", "dev-r", MODEL)
     try:
@@ -234,6 +237,72 @@ def test_bad_updates_are_refused_and_v1_keeps_serving(case, words, tmp_path, mqt
         assert served_version(device) == "1.0.0"
         code, body = infer(device)
         assert code == 200 and body["model_version"] == "1.0.0"
+    finally:
+        device.stop()
+        clear_retained(mqtt_broker.port, topic)
+
+
+def refused_intents(device: DaemonProcess, reason: str) -> float:
+    """edged_ota_intents_refused_total for one reason, from /metrics."""
+    text = http("GET", device.url + "/metrics")[1].decode()
+    for line in text.splitlines():
+        if line.startswith(f'edged_ota_intents_refused_total{{reason="{reason}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_update_intents_must_be_signed_on_every_transport(tmp_path, mqtt_broker, bundle_server, releases, keys):
+    """Defect: allow_downgrade, url and the rest were unsigned fields, so any client
+    reaching POST /v2/ota/update or a fleet topic could install an older signed
+    release or make the device fetch any URL. Now the fleet key signs the whole
+    message; unsigned, altered, unknown-key, off-prefix and replayed intents are
+    refused with the reason over HTTP and MQTT, and v1/v2 keep serving."""
+    served_dir, base_url = bundle_server
+    fleet = load_private_key(keys.private)
+    intruder = make_keys(tmp_path / "intruder", "intruder")
+    v2 = pack(releases["2.0.0"], served_dir / "intent")
+    old = pack(releases["0.9.0"], served_dir / "intent")
+    allowed = base_url + "intent/"
+
+    def signed(archive: Path, root: Path, **changes: Any) -> OtaMessage:
+        message = message_for(archive, allowed, root, key=keys.private)
+        for name, value in changes.items():
+            setattr(message, name, value)
+        return message.sign(fleet)
+
+    good = signed(v2, releases["2.0.0"])
+    replayed_downgrade = signed(old, releases["0.9.0"], allow_downgrade=True, published_at=time.time() - 3600)
+    unsigned = signed(old, releases["0.9.0"], allow_downgrade=True)
+    unsigned.intent_signature = None
+    altered = signed(old, releases["0.9.0"])
+    altered.allow_downgrade = True  # flipped after signing
+    unknown = signed(old, releases["0.9.0"], allow_downgrade=True).sign(load_private_key(intruder.private))
+    off_prefix = signed(v2, releases["2.0.0"], url=base_url + "elsewhere/x.tar.gz")
+    bad = [(unsigned, "unsigned", "unsigned"), (altered, "bad_signature", "does not match"),
+           (unknown, "unknown_key", "unknown key"), (off_prefix, "url", "allowed_url_prefixes")]
+
+    device = start_device(tmp_path / "dev", "dev-i", mqtt_broker.port, keys.trusted_dir, [], releases["1.0.0"],
+                          extra_ota=f"allowed_url_prefixes = [{json.dumps(allowed)}]")
+    topic = device_topic("edged", "dev-i", MODEL)
+    try:
+        for message, reason, words in bad:  # HTTP: 409 with the reason, nothing queued
+            status, body = device.post("/v2/ota/update", message.to_dict())
+            assert status == 409 and words in body["error"], (reason, status, body)
+            assert refused_intents(device, reason) == 1
+        for message, reason, words in bad:  # MQTT: refused and logged, counted a second time
+            publish(mqtt_broker.port, topic, message)
+            wait_for(lambda: refused_intents(device, reason) == 2, 60, f"MQTT {reason} refused")
+            assert words in device.logs()
+        assert served_version(device) == "1.0.0" and ota_status(device).get("state") in ("idle", "", None)
+
+        publish(mqtt_broker.port, topic, good)
+        wait_for(lambda: served_version(device) == "2.0.0", 60, "signed v2 applied")
+        publish(mqtt_broker.port, topic, replayed_downgrade)  # validly signed, but older: a replay
+        wait_for(lambda: refused_intents(device, "replay") == 1, 60, "MQTT replay refused")
+        status, body = device.post("/v2/ota/update", replayed_downgrade.to_dict())
+        assert status == 409 and "replayed" in body["error"], body
+        assert refused_intents(device, "replay") == 2
+        assert served_version(device) == "2.0.0"
     finally:
         device.stop()
         clear_retained(mqtt_broker.port, topic)

@@ -32,6 +32,7 @@ def test_documented_payload_parses():
     example = doc[doc.index('{"model"'):doc.rindex("}") + 1]
     data = json.loads(example.replace('"..."', '"' + "b" * 64 + '"'))
     data["signature"]["signature"] = base64.b64encode(bytes(64)).decode()
+    data["intent_signature"]["signature"] = base64.b64encode(bytes(64)).decode()
     message = OtaMessage.parse(data)
     assert (message.model, message.version, message.size) == ("digits", "2.0.0", 123456)
     assert message.rollout == Rollout(devices=[], canary_percent=100.0)
@@ -62,6 +63,9 @@ def test_round_trip_with_signature():
     ({"published_at": "noon"}, "published_at"),
     ({"signature": {"alg": "rsa", "key_id": "k", "signature": ""}}, "not supported"),
     ({"signature": {"key_id": "k", "signature": "!!"}}, "base64"),
+    ({"intent_signature": {"alg": "rsa", "key_id": "k", "signature": ""}}, "not supported"),
+    ({"intent_signature": {"key_id": "k", "signature": "AAAA"}}, "64 bytes"),
+    ({"intent_signature": "yes"}, "JSON object"),
 ])
 def test_validation_names_the_field(change, words):
     with pytest.raises(UpdateRefused, match=words):
