@@ -35,9 +35,16 @@ class ConsoleProgress:
 
     @contextlib.contextmanager
     def stage(self, text: str) -> Iterator[None]:
+        """A spinner with the stage's elapsed time (the libraries give no finer progress)."""
         from rich.markup import escape
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        with self.console.status(f"{escape(text)}..."):
+        if not self.console.is_terminal:  # a pipe or a log: only the done lines
+            yield
+            return
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+        with Progress(*columns, console=self.console, transient=True) as bar:
+            bar.add_task(f"{escape(text)}...", total=None)
             yield
 
     def done(self, text: str) -> None:
