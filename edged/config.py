@@ -13,6 +13,7 @@ Defaults (documented in README.md)::
     host = "127.0.0.1"
     port = 8080
     max_body_bytes = 67108864      # 64 MiB; larger requests get 413
+    tokens_file = ""               # + TLS, timeouts, limits: README "Security"
     [mqtt] / [push] / [ota]        # off by default; every key is in README.md
 
 Every scalar can be overridden with EDGED_<KEY> or EDGED_<SECTION>_<KEY>
@@ -39,6 +40,19 @@ class HttpConfig:
     # Run a request on the event loop instead of a worker thread when its model answers
     # in under this many microseconds on average (the thread hop costs more). 0: never.
     inline_max_us: float = 200.0
+    # Access control (edged.auth; README "Security"). No tokens_file: open, loopback only.
+    tokens_file: str = ""  # one "SCOPE TOKEN" line each; scope infer or admin
+    public_health: bool = True  # health, metadata and /metrics answer without a token
+    tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file: HTTPS
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""  # mutual TLS: clients need a certificate from this CA
+    allow_insecure: bool = False  # listen on a non-loopback address without TLS and tokens
+    # Resource bounds (edged.http_limits).
+    header_timeout_s: float = 10.0  # to receive a request's headers (slowloris)
+    body_timeout_s: float = 30.0  # longest wait between two reads of a body
+    idle_timeout_s: float = 30.0  # idle keep-alive connections are closed after this
+    max_connections: int = 1000  # beyond it: 503 (capped by RLIMIT_NOFILE)
+    max_inflight_bytes: int = 384 * 1024 * 1024  # request bodies in flight, each counted twice; beyond: 503
 
 
 @dataclass
@@ -232,6 +246,34 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"{src}: key http.inline_max_us must be 0 (off) or more")
     if config.http.max_body_bytes < 1024:
         raise ConfigError(f"{src}: key http.max_body_bytes must be at least 1024")
+    _validate_http(config, src)
+
+
+def _validate_http(config: Config, src: str) -> None:
+    from edged.auth import TokenStore, check_exposure, tls_context
+
+    http = config.http
+    for key in ("header_timeout_s", "body_timeout_s", "idle_timeout_s"):
+        if getattr(http, key) <= 0:
+            raise ConfigError(f"{src}: key http.{key} must be positive")
+    if http.max_connections < 1:
+        raise ConfigError(f"{src}: key http.max_connections must be at least 1")
+    if http.max_inflight_bytes < 1024:
+        raise ConfigError(f"{src}: key http.max_inflight_bytes must be at least 1024 (it is raised to 2 x http.max_body_bytes)")
+    if bool(http.tls_cert_file) != bool(http.tls_key_file):
+        raise ConfigError(f"{src}: keys http.tls_cert_file and http.tls_key_file go together: set both or neither")
+    if http.tls_client_ca_file and not http.tls_cert_file:
+        raise ConfigError(f"{src}: key http.tls_client_ca_file (mutual TLS) needs http.tls_cert_file and http.tls_key_file")
+    if http.enabled:
+        refused = check_exposure(http.host, bool(http.tls_cert_file), bool(http.tokens_file), http.allow_insecure)
+        if refused:
+            raise ConfigError(f"{src}: {refused}")
+        # Unreadable tokens or certificates: an error line now, not a traceback at start.
+        if http.tokens_file:
+            TokenStore.load(config.resolve(http.tokens_file))
+        if http.tls_cert_file:
+            ca = str(config.resolve(http.tls_client_ca_file)) if http.tls_client_ca_file else ""
+            tls_context(str(config.resolve(http.tls_cert_file)), str(config.resolve(http.tls_key_file)), ca)
 
 
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:

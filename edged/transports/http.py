@@ -7,16 +7,20 @@ loop never blocks on a model.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from edged.auth import Access, TokenStore, check_access, tls_context
+from edged.config import HttpConfig
 from edged.dataplane import DataPlane
 from edged.errors import EdgedError, InvalidInput, PayloadTooLarge
-from edged.v2 import HEADER_LENGTH, decode_request, encode_response, parse_json_object
+from edged.http_limits import (
+    BODY_WEIGHT, ConnectionGate, InflightBudget, RateLimitFilter, RequestTimeout, effective_max_connections, malloc_trim,
+)
+from edged.v2 import HEADER_LENGTH, decode_request, dumps, encode_response, parse_json_object, response_bytes
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +29,9 @@ STATUS_BY_CODE: dict[str, int] = {
     "invalid_input": 400,
     "bundle_invalid": 400,
     "signature_invalid": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "request_timeout": 408,
     "update_refused": 409,
     "update_failed": 502,
     "model_not_found": 404,
@@ -36,16 +43,19 @@ STATUS_BY_CODE: dict[str, int] = {
     "config_invalid": 500,
     "internal": 500,
 }
+OFFLOAD_BYTES = 64 * 1024  # bodies and responses bigger than this are decoded/encoded in a worker thread
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def error_response(exc: EdgedError) -> web.Response:
-    return _json({"error": exc.message, "code": exc.code}, STATUS_BY_CODE.get(exc.code, 500))
+    status = STATUS_BY_CODE.get(exc.code, 500)
+    headers = {"WWW-Authenticate": 'Bearer realm="edged"'} if status == 401 else None
+    return _json({"error": exc.message, "code": exc.code}, status, headers)
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=json.dumps(data).encode(), status=status, content_type="application/json")
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=dumps(data), status=status, content_type="application/json", headers=headers)
 
 
 @web.middleware
@@ -60,68 +70,135 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status >= 400:
             return _json({"error": exc.reason, "code": "http"}, exc.status)
         raise
-    except Exception as exc:  # never let a request take the daemon down
+    except Exception:  # never let a request take the daemon down, nor show its internals
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return _json({"error": f"internal error: {type(exc).__name__}: {exc}", "code": "internal"}, 500)
+        return _json({"error": "internal error; the daemon's log has the details", "code": "internal"}, 500)
 
 
 class HttpTransport:
     """The aiohttp application and server for one data plane."""
 
     def __init__(self, dataplane: DataPlane, host: str, port: int, max_body_bytes: int, workers: int = 8,
-                 inline_max_us: float = 0.0) -> None:
+                 inline_max_us: float = 0.0, settings: HttpConfig | None = None) -> None:
         self.dataplane = dataplane
         self.inline_max_us = inline_max_us
-        from prometheus_client import Counter
+        config = getattr(dataplane, "config", None)
+        self.settings = settings or (config.http if config is not None else HttpConfig())
+        self._resolve = config.resolve if config is not None else (lambda path: path)
+        from prometheus_client import Counter, Gauge
 
+        registry = dataplane.metrics.registry
         self.m_inline = Counter("edged_http_inline_requests", "HTTP inferences run on the event loop (no thread hop).",
-                                registry=dataplane.metrics.registry)
+                                registry=registry)
+        self.m_refused = Counter("edged_http_refused", "HTTP requests or connections refused, by reason.",
+                                 ["reason"], registry=registry)
+        self.m_offloaded = Counter("edged_http_offloaded", "Bodies decoded or responses encoded in a worker thread.",
+                                   ["what"], registry=registry)
+        self.m_codec_busy = Gauge("edged_http_codec_in_progress", "Bodies being decoded or encoded in worker threads now.",
+                                  registry=registry)
+        self.m_inflight = Gauge("edged_http_inflight_bytes", "Bytes held by HTTP requests in flight (bodies counted twice).",
+                                registry=registry)
+        self.m_trims = Counter("edged_http_memory_trims", "Times freed memory was handed back to the OS after big requests.",
+                               registry=registry)
         self.host = host
         self.port = port
         self.max_body_bytes = max_body_bytes
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edged-infer")
+        self.budget = InflightBudget(max(self.settings.max_inflight_bytes, max_body_bytes * BODY_WEIGHT),
+                                     on_refused=lambda: self.m_refused.labels("inflight_bytes").inc())
+        self.tokens: TokenStore | None = None
+        self.gate: ConnectionGate | None = None
+        self._log_filter = RateLimitFilter()
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._access: dict[Any, Access] = {}
         self.app = self._build_app()
 
     def _build_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[_errors])
-        r = app.router
-        r.add_get("/v2", self.server_metadata)
-        r.add_get("/v2/health/live", self.live)
-        r.add_get("/v2/health/ready", self.ready)
-        r.add_post("/v2/repository/index", self.repository_index)
-        r.add_post("/v2/repository/models/{model}/load", self.load)
-        r.add_post("/v2/repository/models/{model}/unload", self.unload)
-        r.add_post("/v2/repository/models/{model}/rollback", self.rollback)
-        r.add_get("/v2/ota/status", self.ota_status)
-        r.add_post("/v2/ota/update", self.ota_update)
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[_errors, self._authorize])
+        health = Access.PUBLIC if self.settings.public_health else Access.ANY_TOKEN
+
+        def add(method: str, path: str, handler: Handler, access: Access) -> None:
+            self._access[app.router.add_route(method, path, handler)] = access
+
+        add("GET", "/v2", self.server_metadata, health)
+        add("GET", "/v2/health/live", self.live, health)
+        add("GET", "/v2/health/ready", self.ready, health)
+        add("POST", "/v2/repository/index", self.repository_index, Access.ADMIN)
+        add("POST", "/v2/repository/models/{model}/load", self.load, Access.ADMIN)
+        add("POST", "/v2/repository/models/{model}/unload", self.unload, Access.ADMIN)
+        add("POST", "/v2/repository/models/{model}/rollback", self.rollback, Access.ADMIN)
+        add("GET", "/v2/ota/status", self.ota_status, Access.ADMIN)
+        add("POST", "/v2/ota/update", self.ota_update, Access.ADMIN)
         for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
-            r.add_get(prefix, self.model_metadata)
-            r.add_get(prefix + "/ready", self.model_ready)
-            r.add_get(prefix + "/config", self.model_config)
-            r.add_post(prefix + "/infer", self.infer)
-        r.add_get("/metrics", self.metrics)
+            add("GET", prefix, self.model_metadata, health)
+            add("GET", prefix + "/ready", self.model_ready, health)
+            add("GET", prefix + "/config", self.model_config, health)
+            add("POST", prefix + "/infer", self.infer, Access.INFER)
+        add("GET", "/metrics", self.metrics, health)
         return app
+
+    @web.middleware
+    async def _authorize(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Checks the bearer token before a byte of the body is read."""
+        access = self._access.get(request.match_info.route, Access.ANY_TOKEN)
+        try:
+            check_access(self.tokens, access, request.headers.get("Authorization"))
+        except EdgedError as exc:
+            self.m_refused.labels(exc.code).inc()
+            log.warning("HTTP %s %s refused: %s", request.method, request.path, exc.message)
+            raise
+        return await handler(request)
 
     # -- lifecycle --------------------------------------------------------
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        settings = self.settings
+        if settings.tokens_file:
+            self.tokens = TokenStore.load(self._resolve(settings.tokens_file))
+        context = None
+        if settings.tls_cert_file:
+            context = tls_context(str(self._resolve(settings.tls_cert_file)), str(self._resolve(settings.tls_key_file)),
+                                  str(self._resolve(settings.tls_client_ca_file)) if settings.tls_client_ca_file else "")
+        self._log_filter.install()
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                     keepalive_timeout=settings.idle_timeout_s)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
-        if self.port == 0:  # report the port the OS picked
-            server = site._server  # noqa: SLF001 - aiohttp exposes no public accessor
-            if server is not None and server.sockets:
-                self.port = server.sockets[0].getsockname()[1]
-        log.info("HTTP listening on %s:%d", self.host, self.port)
+        server = self._runner.server
+        assert server is not None  # setup() made it
+        self.gate = ConnectionGate(server, effective_max_connections(settings.max_connections), settings.header_timeout_s,
+                                   on_refused=lambda reason: self.m_refused.labels(reason).inc())
+        self._server = await asyncio.get_running_loop().create_server(
+            self.gate, self.host, self.port, ssl=context, reuse_address=True, backlog=128,
+            ssl_handshake_timeout=settings.header_timeout_s if context else None,
+        )
+        if self.port == 0 and self._server.sockets:  # report the port the OS picked
+            self.port = self._server.sockets[0].getsockname()[1]
+        scheme = "https" if context else "http"
+        access = f"tokens from {settings.tokens_file}" if self.tokens else "open (no http.tokens_file)"
+        mtls = ", client certificates required" if settings.tls_client_ca_file else ""
+        log.info("HTTP listening on %s://%s:%d; access: %s%s", scheme, self.host, self.port, access, mtls)
 
     async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        self._log_filter.remove()
         self.executor.shutdown(wait=True, cancel_futures=False)
 
     async def _offload(self, func: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
+
+    async def _codec(self, what: str, size: int, func: Callable[..., Any], *args: Any) -> Any:
+        """``func(*args)`` on the loop when ``size`` is small, else in a worker thread."""
+        if size <= OFFLOAD_BYTES:
+            return func(*args)
+        self.m_offloaded.labels(what).inc()
+        self.m_codec_busy.inc()
+        try:
+            return await self._offload(func, *args)
+        finally:
+            self.m_codec_busy.dec()
 
     # -- health and metadata ---------------------------------------------
     async def server_metadata(self, request: web.Request) -> web.Response:
@@ -164,7 +241,7 @@ class HttpTransport:
         raw = await self._read(request)
         if not raw.strip():
             return {}
-        return parse_json_object(raw, "a JSON object")
+        return await self._codec("decode", len(raw), parse_json_object, raw, "a JSON object")
 
     async def repository_index(self, request: web.Request) -> web.Response:
         data = await self._json_body(request)
@@ -196,21 +273,51 @@ class HttpTransport:
         return _json({"result": result}, 202)
 
     # -- inference --------------------------------------------------------
-    async def _read(self, request: web.Request) -> bytes:
+    async def _read(self, request: web.Request) -> bytearray:
+        """The whole body, read chunk by chunk: each chunk must come within
+        http.body_timeout_s, and the total within http.max_body_bytes."""
         length = request.content_length
         if length is not None and length > self.max_body_bytes:
             raise PayloadTooLarge(
                 f"request body is {length} bytes; the limit is {self.max_body_bytes} (http.max_body_bytes)"
             )
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise PayloadTooLarge(f"request body is over the limit of {self.max_body_bytes} bytes (http.max_body_bytes)") from None
+        body = bytearray()
+        timeout = self.settings.body_timeout_s
+        while True:
+            try:
+                async with asyncio.timeout(timeout):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                self.m_refused.labels("body_timeout").inc()
+                raise RequestTimeout(f"no request body bytes for {timeout:g} s (http.body_timeout_s); "
+                                     f"{len(body)} bytes arrived") from None
+            if not chunk:
+                return body
+            if len(body) + len(chunk) > self.max_body_bytes:
+                raise PayloadTooLarge(f"request body is over the limit of {self.max_body_bytes} bytes (http.max_body_bytes)")
+            body += chunk
 
-    async def infer(self, request: web.Request) -> web.Response:
+    async def _budgeted(self, request: web.Request, work: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """Run ``work`` holding the request's share of http.max_inflight_bytes; 503 when
+        it is not there. Memory goes back to the OS once big requests are done."""
+        held = min(request.content_length or self.max_body_bytes, self.max_body_bytes) * BODY_WEIGHT
+        self.budget.reserve(held)
+        self.m_inflight.set(self.budget.used)
+        try:
+            return await work()
+        finally:
+            trim = self.budget.release(held)
+            self.m_inflight.set(self.budget.used)
+            if trim:
+                asyncio.get_running_loop().run_in_executor(self.executor, self._trim)
+
+    def _trim(self) -> None:
+        if malloc_trim():
+            self.m_trims.inc()
+
+    async def infer(self, request: web.Request) -> web.StreamResponse:
         info = request.match_info
         self.dataplane.check_model(info["model"], info.get("version"))
-        body = await self._read(request)
         header = request.headers.get(HEADER_LENGTH)
         header_length: int | None = None
         if header is not None:
@@ -218,13 +325,20 @@ class HttpTransport:
                 header_length = int(header)
             except ValueError:
                 raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header!r}") from None
-        decoded = decode_request(info["model"], info.get("version"), body, header_length)
+        return await self._budgeted(request, lambda: self._infer(request, header_length))
+
+    async def _infer(self, request: web.Request, header_length: int | None) -> web.Response:
+        info = request.match_info
+        body = await self._read(request)
+        decoded = await self._codec("decode", len(body), decode_request, info["model"], info.get("version"), body, header_length)
+        del body  # the tensors may still point into it (binary data); the rest can go
         if self.dataplane.runs_inline(decoded.request, self.inline_max_us):
             self.m_inline.inc()
             response = self.dataplane.infer(decoded.request, "http")
         else:
             response = await self._offload(self.dataplane.infer, decoded.request, "http")
-        payload, json_length = encode_response(response, decoded.binary_outputs, decoded.all_binary)
+        payload, json_length = await self._codec(
+            "encode", response_bytes(response), encode_response, response, decoded.binary_outputs, decoded.all_binary)
         if json_length is None:
             return web.Response(body=payload, content_type="application/json")
         return web.Response(

@@ -1,0 +1,216 @@
+"""Resource bounds of the HTTP server: connections, header time, bytes in flight,
+memory given back, and log lines that cannot flood the journal.
+
+Used by edged.transports.http; nothing here knows about routes or models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import resource
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from edged.errors import EdgedError, Overloaded
+
+log = logging.getLogger(__name__)
+
+# Loggers whose warnings and errors are rate limited while the HTTP server runs:
+# asyncio logs every failed accept() ("Too many open files") once per retry.
+RATE_LIMITED_LOGGERS = ("asyncio", "aiohttp.server", "aiohttp.web", "edged.transports.http", __name__)
+FD_RESERVE = 128  # descriptors kept for models, files and the state database
+BODY_WEIGHT = 2  # a body counts twice: the bytes and the tensors decoded from them
+TRIM_AFTER_BYTES = 1024 * 1024  # give memory back once requests this big are done
+
+
+class RequestTimeout(EdgedError):
+    """A request's body did not arrive in time (HTTP 408)."""
+
+    code = "request_timeout"
+
+
+class RateLimitFilter(logging.Filter):
+    """The same warning or error at most once per ``interval`` seconds; the next one
+    that passes says how many were suppressed."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last: dict[tuple[str, str], float] = {}
+        self._suppressed: dict[tuple[str, str], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, str(record.msg)[:200])
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval) < self.interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        count = self._suppressed.pop(key, 0)
+        if count:
+            record.msg = f"{record.msg} ({count} more like this in the last {self.interval:g} s were not logged)"
+        if len(self._last) > 1000:  # bounded: forget the oldest keys
+            for old in sorted(self._last, key=self._last.get)[:500]:
+                self._last.pop(old, None)
+        return True
+
+    def install(self) -> None:
+        for name in RATE_LIMITED_LOGGERS:
+            logging.getLogger(name).addFilter(self)
+
+    def remove(self) -> None:
+        for name in RATE_LIMITED_LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+
+
+def effective_max_connections(configured: int) -> int:
+    """``configured``, lowered so open connections cannot use up RLIMIT_NOFILE."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    cap = max(16, soft - FD_RESERVE)
+    if cap < configured:
+        log.warning("http.max_connections %d lowered to %d: the open-file limit is %d "
+                    "(raise it with LimitNOFILE= in the unit, or ulimit -n)", configured, cap, soft)
+    return min(configured, cap)
+
+
+def malloc_trim() -> bool:
+    """Hand freed heap memory back to the OS (glibc); False where there is no glibc."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+@dataclass
+class InflightBudget:
+    """Bytes held by requests in flight, across all of them, with a ceiling."""
+
+    limit: int
+    used: int = 0
+    peak_since_trim: int = 0
+    on_refused: Callable[[], None] = field(default=lambda: None)
+
+    def reserve(self, nbytes: int) -> None:
+        """Take ``nbytes`` or raise Overloaded (503) saying why."""
+        if self.used + nbytes > self.limit:
+            self.on_refused()
+            raise Overloaded(
+                f"server busy: requests in flight hold {self.used} bytes and this one needs {nbytes} "
+                f"more, over http.max_inflight_bytes ({self.limit}); retry shortly"
+            )
+        self.used += nbytes
+        self.peak_since_trim = max(self.peak_since_trim, self.used)
+
+    def release(self, nbytes: int) -> bool:
+        """Give ``nbytes`` back; True when the server is idle after big requests
+        (time to give memory back to the OS)."""
+        self.used = max(0, self.used - nbytes)
+        if self.used == 0 and self.peak_since_trim >= TRIM_AFTER_BYTES:
+            self.peak_since_trim = 0
+            return True
+        return False
+
+
+REFUSAL_BODY = (b'{"error":"server busy: too many open connections (http.max_connections); retry shortly",'
+                b'"code":"overloaded"}')
+
+
+class _Refusal(asyncio.Protocol):
+    """Answers one 503 and closes: the connection limit is reached."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        head = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nRetry-After: 1\r\nContent-Length: %d\r\n\r\n" % len(REFUSAL_BODY))
+        transport.write(head + REFUSAL_BODY)  # type: ignore[attr-defined]
+        transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+
+class _Watched(asyncio.Protocol):
+    """Wraps aiohttp's protocol for one connection: counts it, and closes it when its
+    first request's headers do not arrive within ``header_timeout`` seconds."""
+
+    def __init__(self, inner: Any, gate: "ConnectionGate") -> None:
+        self.inner = inner
+        self.gate = gate
+        self._timer: asyncio.TimerHandle | None = None
+        self._tail = b""
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._timer = asyncio.get_running_loop().call_later(self.gate.header_timeout, self._headers_late)
+        self.inner.connection_made(transport)
+
+    def _headers_late(self) -> None:
+        self._timer = None
+        self.gate.timed_out += 1
+        self.gate.on_refused("header_timeout")
+        if self._transport is not None:
+            self._transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            seen = self._tail + data[:4096] if len(data) <= 4096 else data
+            if b"\r\n\r\n" in seen or b"\n\n" in seen:
+                self._timer.cancel()
+                self._timer = None
+            self._tail = data[-3:]
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.gate.live.discard(self)
+        self._transport = None
+        self.inner.connection_lost(exc)
+
+
+class ConnectionGate:
+    """The protocol factory given to ``loop.create_server``: at most ``max_connections``
+    open at once (the next gets a 503 and is closed), each with a header timeout."""
+
+    def __init__(self, make_protocol: Callable[[], Any], max_connections: int, header_timeout: float,
+                 on_refused: Callable[[str], None] = lambda reason: None) -> None:
+        self.make_protocol = make_protocol
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.on_refused = on_refused
+        self.live: weakref.WeakSet[_Watched] = weakref.WeakSet()  # a failed TLS handshake just drops out
+        self.refused = 0
+        self.timed_out = 0
+
+    def __call__(self) -> asyncio.Protocol:
+        if len(self.live) >= self.max_connections:
+            self.refused += 1
+            self.on_refused("connections")
+            log.warning("HTTP connection refused: %d connections open (http.max_connections)", len(self.live))
+            return _Refusal()
+        watched = _Watched(self.make_protocol(), self)
+        self.live.add(watched)
+        return watched
