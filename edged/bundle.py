@@ -29,6 +29,7 @@ from edged.errors import BundleError
 from edged.tensors import TensorSpec
 
 MANIFEST = "manifest.json"
+SIGNATURE_FILE = "manifest.sig"  # edged.signing writes it beside the manifest
 SAMPLES = "samples.npz"
 SCHEMA_VERSION = 1
 RUNTIMES = ("tflite", "onnx", "openvino")
@@ -186,13 +187,42 @@ def read_manifest(root: Path) -> Manifest:
     return Manifest.from_dict(data, source=str(path))
 
 
+def _symlink_in(root: Path, rel: str) -> str | None:
+    """The first component of ``root/rel`` (below root) that is a symlink, if any."""
+    current = root
+    for part in Path(rel).parts:
+        current = current / part
+        if current.is_symlink():
+            return current.relative_to(root).as_posix()
+    return None
+
+
+def unlisted_files(root: Path, manifest: Manifest) -> list[str]:
+    """Files (and symlinks) under ``root`` that the manifest does not list, besides
+    manifest.json and its manifest.sig. Symlinked directories are not entered."""
+    listed = set(manifest.files) | {MANIFEST, SIGNATURE_FILE}
+    extra: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath)
+        for name in [*filenames, *(d for d in dirnames if (base / d).is_symlink())]:
+            rel = (base / name).relative_to(root).as_posix()
+            if rel not in listed or (base / name).is_symlink():
+                extra.append(rel)
+    return sorted(extra)
+
+
 def verify_files(root: Path, manifest: Manifest) -> None:
-    """Check every listed file's size and sha256; name the first that differs."""
+    """Check every listed file's size and sha256, and that the bundle holds no
+    symlink (at any depth) and no file the manifest does not list; name the first
+    problem."""
     if not manifest.files:
         raise BundleError(f"{root}: manifest lists no files, nothing can be verified")
     for rel, entry in sorted(manifest.files.items()):
+        link = _symlink_in(root, rel)
+        if link is not None:
+            raise BundleError(f"{rel}: {link} is a symlink; bundles may not contain symlinks")
         path = root / rel
-        if not path.is_file() or path.is_symlink():
+        if not path.is_file():
             raise BundleError(f"{rel}: listed in the manifest but missing from the bundle")
         size = path.stat().st_size
         if size != entry.size:
@@ -200,15 +230,50 @@ def verify_files(root: Path, manifest: Manifest) -> None:
         digest = sha256_file(path)
         if digest != entry.sha256:
             raise BundleError(f"{rel}: sha256 {digest[:12]}… does not match the manifest ({entry.sha256[:12]}…)")
+    extra = unlisted_files(root, manifest)
+    if extra:
+        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise BundleError(f"{root.name}: file(s) not listed in the manifest: {', '.join(extra[:5])}{more}")
 
 
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract a .tar.gz, refusing members that are absolute, contain '..',
-    are links, devices or anything but regular files and directories."""
+@dataclass(frozen=True)
+class ExtractLimits:
+    """Bounds on unpacking an archive, checked while extracting (archive bombs)."""
+
+    max_bytes: int = 4 * 1024**3  # unpacked bytes, absolute
+    max_ratio: float = 200.0  # unpacked bytes / archive bytes ...
+    ratio_floor: int = 16 * 1024**2  # ... once more than this has been unpacked
+    max_members: int = 10_000
+
+    def budget(self, compressed: int) -> int:
+        """The most bytes an archive of ``compressed`` bytes may unpack to."""
+        return min(self.max_bytes, max(self.ratio_floor, int(self.max_ratio * max(compressed, 1))))
+
+
+DEFAULT_LIMITS = ExtractLimits()
+
+
+def safe_extract(archive: Path, dest: Path, limits: ExtractLimits = DEFAULT_LIMITS) -> None:
+    """Extract a .tar.gz in one streaming pass, refusing members that are absolute,
+    contain '..', are links, devices or anything but regular files and
+    directories, and stopping as soon as the unpacked size passes ``limits``
+    (absolute, or as a ratio to the archive's size) or the member count does.
+    What was extracted before a refusal stays in ``dest`` for the caller to remove."""
+    compressed = Path(archive).stat().st_size if Path(archive).exists() else 0
+    budget = limits.budget(compressed)
+    written = members = 0
+
+    def over(amount: int) -> BundleError:
+        return BundleError(
+            f"{archive.name}: unpacks to more than {budget} bytes (at least {amount}) from {compressed} compressed: "
+            f"over the limit of {limits.max_bytes} bytes or {limits.max_ratio:g}x the archive (refused while "
+            "extracting; an archive bomb?)"
+        )
+
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            for member in members:
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive, "r|*") as tar:
+            for member in tar:
                 name = member.name
                 parts = Path(name).parts
                 if name.startswith(("/", "\\")) or Path(name).is_absolute() or ".." in parts:
@@ -217,18 +282,25 @@ def safe_extract(archive: Path, dest: Path) -> None:
                     raise BundleError(
                         f"{archive.name}: member {name!r} is a link or device; only files and directories are allowed"
                     )
-            dest.mkdir(parents=True, exist_ok=True)
-            for member in members:
-                target = dest / member.name
+                members += 1
+                if members > limits.max_members:
+                    raise BundleError(f"{archive.name}: more than {limits.max_members} members; refused")
+                target = dest / name
                 if member.isdir():
                     target.mkdir(parents=True, exist_ok=True)
                     continue
+                if written + member.size > budget:
+                    raise over(written + member.size)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 source = tar.extractfile(member)
                 if source is None:
                     raise BundleError(f"{archive.name}: member {member.name!r} cannot be read")
                 with source, open(target, "wb") as out:
-                    shutil.copyfileobj(source, out)
+                    while chunk := source.read(1 << 20):
+                        written += len(chunk)
+                        if written > budget:
+                            raise over(written)
+                        out.write(chunk)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise BundleError(f"{archive.name}: not a readable .tar.gz: {exc}") from None
 
@@ -247,7 +319,8 @@ def is_archive(path: Path) -> bool:
     return path.is_file() and (path.name.endswith(".tar.gz") or path.name.endswith(".tgz"))
 
 
-def open_bundle(path: Path, unpack_dir: Path | None = None, verify: bool = True) -> Bundle:
+def open_bundle(path: Path, unpack_dir: Path | None = None, verify: bool = True,
+                limits: ExtractLimits = DEFAULT_LIMITS) -> Bundle:
     """Open a bundle directory or archive, verifying hashes unless told not to.
 
     Archives are unpacked under ``unpack_dir`` (a temporary directory when None)
@@ -261,7 +334,7 @@ def open_bundle(path: Path, unpack_dir: Path | None = None, verify: bool = True)
         if not target.exists():
             staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=base))
             try:
-                safe_extract(path, staging)
+                safe_extract(path, staging, limits)
                 os.replace(staging, target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)

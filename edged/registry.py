@@ -15,14 +15,25 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Iterator
 
-from edged.bundle import MANIFEST, Bundle, is_archive, open_bundle, read_manifest, semver_key
+from edged.bundle import MANIFEST, Bundle, Manifest, is_archive, open_bundle, read_manifest, semver_key
 from edged.config import Config
-from edged.errors import EdgedError, ModelNotFound, ModelNotReady, Overloaded
+from edged.errors import BundleError, EdgedError, ModelNotFound, ModelNotReady, Overloaded
 from edged.metrics import Metrics
 from edged.model import LoadedModel
 from edged.runtimes import RuntimeOptions
 
 log = logging.getLogger(__name__)
+
+NAME_LOCKS = 64
+BROKEN_VERSION = "unusable"  # the version an unusable bundle is listed under
+
+
+def _version_key(version: str) -> tuple:
+    """Semver order; a non-semver version (an unusable bundle) sorts first."""
+    try:
+        return (1, semver_key(version))
+    except EdgedError:
+        return (0, version)
 
 
 class ModelState(str, Enum):
@@ -116,7 +127,9 @@ class ModelRegistry:
         self._entries: dict[tuple[str, str], ModelEntry] = {}
         self._broken: dict[str, str] = {}  # bundle path -> why its manifest is unreadable
         self._lock = threading.RLock()
-        self._name_locks: dict[str, threading.Lock] = {}
+        self._name_locks = [threading.Lock() for _ in range(NAME_LOCKS)]
+        # (path, size, mtime) of archives refused at unpacking -> why (not unpacked again)
+        self._refused_archives: dict[tuple[str, int, int], str] = {}
         self.listeners: list[Callable[[str, ModelEntry], None]] = []
         # OTA-managed models: {state_dir}/store/{model}/active wins over models_dir.
         self.store_root = config.state_path / "store"
@@ -155,13 +168,10 @@ class ModelRegistry:
                     del self._active[model]
             for path in [*actives.values(), *self._candidates()]:
                 try:
-                    if is_archive(path):
-                        manifest = open_bundle(path, self._unpack_dir(), verify=False).manifest
-                    else:
-                        manifest = read_manifest(path)
+                    manifest = self._read_bundle_manifest(path)
                 except EdgedError as exc:
                     self._broken[str(path)] = str(exc)
-                    log.warning("bundle %s is unusable: %s", path, exc)
+                    self._note_broken(path, str(exc), seen)
                     continue
                 key = (manifest.name, manifest.version)
                 if manifest.name in actives and path != actives[manifest.name]:
@@ -181,6 +191,36 @@ class ModelRegistry:
             for key in [k for k, e in self._entries.items() if k not in seen and not e.ready]:
                 del self._entries[key]
 
+    def _read_bundle_manifest(self, path: Path) -> Manifest:
+        """A bundle's manifest; an archive is unpacked (within the extraction limits)
+        once per content: a refused archive is not unpacked again until it changes."""
+        if not is_archive(path):
+            return read_manifest(path)
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key in self._refused_archives:
+            raise BundleError(self._refused_archives[key])
+        try:
+            return open_bundle(path, self._unpack_dir(), verify=False).manifest
+        except EdgedError as exc:
+            self._refused_archives = {k: v for k, v in self._refused_archives.items() if k[0] != str(path)}
+            self._refused_archives[key] = str(exc)
+            raise
+
+    def _note_broken(self, path: Path, reason: str, seen: set[tuple[str, str]]) -> None:
+        """List an unusable bundle in the index as FAILED under its file name, so the
+        repository index and model metadata say why (not only the log)."""
+        name = path.name.removesuffix(".tar.gz").removesuffix(".tgz")
+        key = (name, BROKEN_VERSION)
+        if key in seen:
+            return
+        if key not in self._entries:
+            log.warning("bundle %s is unusable: %s", path, reason)
+        seen.add(key)
+        entry = self._entries.get(key) or self._new_entry(name, BROKEN_VERSION, path, "")
+        entry.state, entry.reason = ModelState.FAILED, f"unusable bundle {path.name}: {reason}"
+        self._entries[key] = entry
+
     def _new_entry(self, name: str, version: str, source: Path, runtime: str) -> ModelEntry:
         return ModelEntry(
             name=name, version=version, source=source, runtime=runtime,
@@ -194,7 +234,7 @@ class ModelRegistry:
 
     def index(self) -> list[ModelEntry]:
         with self._lock:
-            return sorted(self._entries.values(), key=lambda e: (e.name, semver_key(e.version)))
+            return sorted(self._entries.values(), key=lambda e: (e.name, _version_key(e.version)))
 
     def broken(self) -> dict[str, str]:
         with self._lock:
@@ -228,8 +268,9 @@ class ModelRegistry:
 
     # -- load / unload ----------------------------------------------------
     def _name_lock(self, name: str) -> threading.Lock:
-        with self._lock:
-            return self._name_locks.setdefault(name, threading.Lock())
+        """One of a fixed set of locks: loads of one name are serialized, and no
+        state is kept per name (unknown names included)."""
+        return self._name_locks[hash(name) % len(self._name_locks)]
 
     def options_for(self, runtime: str) -> RuntimeOptions:
         extra = dict(self.config.runtime_options.get(runtime, {}))
@@ -241,9 +282,12 @@ class ModelRegistry:
         no bundle has that name, ModelNotReady when every version failed."""
         with self._name_lock(name):
             self.scan()
-            entries = self.versions(name)
-            if not entries:
+            known = self.versions(name)
+            entries = [e for e in known if e.version != BROKEN_VERSION]
+            if not known:
                 raise ModelNotFound(f"no bundle named {name!r} in {self.config.models_path}")
+            if not entries:
+                raise ModelNotReady(f"model {name} cannot load: {known[0].reason}")
             wanted = entries[-1:] if self.config.versions == "latest" else entries
             for entry in entries:
                 if entry not in wanted and entry.state is not ModelState.UNAVAILABLE:

@@ -25,10 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edged.bundle import MANIFEST, Manifest
+from edged.bundle import MANIFEST, SIGNATURE_FILE, Manifest, unlisted_files
 from edged.errors import BundleError, ConfigError, SignatureError
-
-SIGNATURE_FILE = "manifest.sig"
 ALG = "ed25519"
 
 
@@ -185,10 +183,7 @@ def verify_bundle_signature(
     Returns the signature checked, None when unsigned and allowed."""
     manifest_bytes = (root / MANIFEST).read_bytes()
     manifest = Manifest.from_dict(json.loads(manifest_bytes), source=str(root / MANIFEST))
-    listed = set(manifest.files) | {MANIFEST, SIGNATURE_FILE}
-    extra = sorted(
-        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() not in listed
-    )
+    extra = unlisted_files(root, manifest)
     if extra:
         raise SignatureError(f"file(s) not listed in the manifest: {', '.join(extra[:5])}")
     bundled = read_signature(root)

@@ -4,7 +4,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from edged.bundle import Manifest, open_bundle, pack_bundle, semver_key
+from edged.bundle import ExtractLimits, Manifest, open_bundle, pack_bundle, safe_extract, semver_key, write_bundle
 from edged.errors import BundleError
 from edged.model import LoadedModel
 from edged.runtimes import RuntimeOptions
@@ -97,3 +97,96 @@ def test_manifest_validation_names_the_problem():
 def test_semver_ordering():
     versions = ["1.10.0", "1.2.0", "1.2.0-rc.1", "0.9.9", "2.0.0"]
     assert sorted(versions, key=semver_key) == ["0.9.9", "1.2.0-rc.1", "1.2.0", "1.10.0", "2.0.0"]
+
+
+# -- archive bombs, unlisted files, symlinks (issue 15, defects 4 and 8) -------------
+def _bomb(tmp_path, unpacked: int, name: str = "bomb.tar.gz"):
+    """A valid tiny bundle plus ``unpacked`` bytes of zeros: a tiny archive."""
+    bundle = write_tiny_bundle(tmp_path / "src")
+    archive = tmp_path / name
+    with tarfile.open(archive, "w:gz") as tar:
+        for file in sorted(bundle.root.iterdir()):
+            tar.add(file, arcname=file.name)
+        info = tarfile.TarInfo("zeros.bin")
+        info.size = unpacked
+
+        class Zeros(io.RawIOBase):
+            def __init__(self):
+                self.left = unpacked
+
+            def readable(self):
+                return True
+
+            def readinto(self, buffer):
+                n = min(len(buffer), self.left)
+                buffer[:n] = bytes(n)
+                self.left -= n
+                return n
+
+        tar.addfile(info, io.BufferedReader(Zeros()))
+    return archive
+
+
+def _bytes_under(root):
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def test_archive_bomb_is_refused_by_ratio_while_extracting(tmp_path):
+    archive = _bomb(tmp_path, 64 * 2**20)
+    assert archive.stat().st_size < 2**20  # 64 MiB of zeros in well under 1 MiB
+    limits = ExtractLimits()
+    dest = tmp_path / "out"
+    with pytest.raises(BundleError, match="archive bomb"):
+        safe_extract(archive, dest, limits)
+    assert _bytes_under(dest) <= limits.budget(archive.stat().st_size)  # stopped at the limit, not after
+    with pytest.raises(BundleError, match="archive bomb"):
+        open_bundle(archive, tmp_path / "unpacked")
+    assert not any((tmp_path / "unpacked").iterdir())  # nothing left behind
+
+
+def test_absolute_unpacked_limit_and_member_count(tmp_path):
+    archive = _bomb(tmp_path, 3 * 2**20)
+    with pytest.raises(BundleError, match="more than 2097152 bytes"):
+        safe_extract(archive, tmp_path / "a", ExtractLimits(max_bytes=2 * 2**20, max_ratio=1e9, ratio_floor=0))
+    safe_extract(archive, tmp_path / "b", ExtractLimits(max_bytes=4 * 2**20, max_ratio=1e9))
+    with pytest.raises(BundleError, match="more than 2 members"):
+        safe_extract(archive, tmp_path / "c", ExtractLimits(max_members=2))
+
+
+def test_unlisted_file_is_refused_on_every_open(tmp_path):
+    bundle = write_tiny_bundle(tmp_path / "tiny")
+    (bundle.root / "extra.py").write_text("print('hi')")
+    with pytest.raises(BundleError, match="not listed in the manifest: extra.py"):
+        open_bundle(bundle.root)
+    archive = pack_bundle(bundle.root, tmp_path / "tiny.tar.gz")
+    with pytest.raises(BundleError, match="not listed in the manifest: extra.py"):
+        open_bundle(archive, tmp_path / "unpacked")
+
+
+def test_symlinked_sub_directory_is_refused(tmp_path):
+    """Only the last component was checked: a listed sub/model.onnx read through a
+    symlinked sub/ escaped the bundle."""
+    source = write_tiny_bundle(tmp_path / "src")
+    manifest = source.manifest
+    manifest.model_file = "sub/model.onnx"
+    inputs, outputs = source.load_samples()
+    bundle = write_bundle(tmp_path / "b", manifest, {"sub/model.onnx": source.root / "model.onnx"}, inputs, outputs)
+    open_bundle(bundle.root)  # fine as written
+    outside = tmp_path / "outside"
+    (bundle.root / "sub").rename(outside)
+    (bundle.root / "sub").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(BundleError, match="sub is a symlink"):
+        open_bundle(bundle.root)
+
+
+def test_symlinked_file_and_unlisted_symlink_are_refused(tmp_path):
+    bundle = write_tiny_bundle(tmp_path / "tiny")
+    real = tmp_path / "samples-elsewhere.npz"
+    (bundle.root / "samples.npz").rename(real)
+    (bundle.root / "samples.npz").symlink_to(real)
+    with pytest.raises(BundleError, match="samples.npz is a symlink"):
+        open_bundle(bundle.root)
+    other = write_tiny_bundle(tmp_path / "other")
+    (other.root / "etc").symlink_to("/etc", target_is_directory=True)
+    with pytest.raises(BundleError, match="not listed in the manifest: etc"):
+        open_bundle(other.root)
