@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import random
 import socket
@@ -51,27 +52,59 @@ def _user_properties(props: Any) -> dict[str, str]:
     return dict(getattr(props, "UserProperty", None) or [])
 
 
+RAW_KINDS = "biuf"  # numpy kinds a raw tensor may have: bool, signed, unsigned, float
+MAX_DIM = 2**40
+
+
+def _raw_dtype(name: str) -> np.dtype:
+    if name in V2_TO_NUMPY:
+        return numpy_dtype(name)
+    try:
+        dtype = np.dtype(name)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"user property dtype {name!r} is not a V2 datatype (FP32, INT8, ...) or a numeric numpy dtype") from None
+    if dtype.kind not in RAW_KINDS or dtype.itemsize == 0:
+        raise InvalidInput(f"user property dtype {name!r} is not a numeric dtype (bool, int, uint or float)")
+    return dtype
+
+
+def _raw_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.strip().strip("[]").split(",") if d.strip())
+    except ValueError:
+        raise InvalidInput(f"user property shape {text!r} is not a list of integers") from None
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"user property shape {text!r} has a negative dimension; a raw tensor's shape is exact")
+    if any(d > MAX_DIM for d in shape):
+        raise InvalidInput(f"user property shape {text!r} has a dimension over {MAX_DIM}")
+    return shape
+
+
 def decode_raw(model: str, payload: bytes, user: dict[str, str]) -> InferenceRequest:
     """Raw tensor bytes with dtype and shape (and optionally input) in user properties."""
     if "dtype" not in user or "shape" not in user:
         raise InvalidInput(f"raw tensor payload ({RAW_CONTENT_TYPE}) needs user properties 'dtype' and 'shape'")
-    name = user["dtype"]
-    dtype = numpy_dtype(name) if name in V2_TO_NUMPY else None
-    if dtype is None:
-        try:
-            dtype = np.dtype(name)
-        except TypeError:
-            raise InvalidInput(f"user property dtype {name!r} is not a numpy or V2 dtype") from None
-    try:
-        text = user["shape"].strip().strip("[]")
-        shape = tuple(int(d) for d in text.split(",") if d.strip())
-    except ValueError:
-        raise InvalidInput(f"user property shape {user['shape']!r} is not a list of integers") from None
-    expected = int(np.prod(shape)) * dtype.itemsize
+    dtype = _raw_dtype(user["dtype"])
+    shape = _raw_shape(user["shape"])
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     if len(payload) != expected:
         raise InvalidInput(f"raw tensor of shape {list(shape)} {dtype.name} needs {expected} bytes, got {len(payload)}")
-    array = np.frombuffer(payload, dtype=dtype).reshape(shape)
+    try:
+        array = np.frombuffer(payload, dtype=dtype).reshape(shape)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidInput(f"raw tensor of shape {list(shape)} {dtype.name} cannot be built: {exc}") from None
     return InferenceRequest(model=model, inputs={user.get("input", ""): array}, version=user.get("version") or None)
+
+
+def response_topic_problem(topic: str) -> str | None:
+    """Why ``topic`` cannot be published to (None when it can)."""
+    if not topic:
+        return "the Response Topic is empty"
+    if "+" in topic or "#" in topic:
+        return f"the Response Topic {topic!r} contains a wildcard (+ or #); a reply needs a plain topic"
+    if "\0" in topic or len(topic.encode()) > 65535:
+        return "the Response Topic is not a valid topic name"
+    return None
 
 
 class MqttTransport:
@@ -232,24 +265,35 @@ class MqttTransport:
     def _handle_request(self, message: mqtt.MQTTMessage) -> None:
         props = message.properties
         model = message.topic.rsplit("/", 1)[-1]
-        response_topic = getattr(props, "ResponseTopic", None) or f"{self.base}/result/{model}"
+        fallback = f"{self.base}/result/{model}"
+        response_topic = getattr(props, "ResponseTopic", None)
         correlation = getattr(props, "CorrelationData", None)
         content_type = getattr(props, "ContentType", None) or JSON_CONTENT_TYPE
+        problem = response_topic_problem(response_topic) if response_topic is not None else None
         try:
+            if problem is not None:
+                log.warning("MQTT request on %s refused: %s; error sent to %s", message.topic, problem, fallback)
+                response_topic = None
+                raise InvalidInput(f"request refused: {problem}")
             payload, out_props = self._infer(model, message.payload, content_type, _user_properties(props))
         except EdgedError as exc:
-            payload = json.dumps({"error": exc.message, "code": exc.code}).encode()
-            out_props = Properties(PacketTypes.PUBLISH)
-            out_props.ContentType = JSON_CONTENT_TYPE
-            out_props.UserProperty = [("error_code", exc.code)]
-        except Exception as exc:  # never let one message kill the loop
+            payload, out_props = self._error(exc.message, exc.code)
+        except Exception:  # never let one message kill the loop; no exception text goes out
             log.exception("MQTT request on %s failed", message.topic)
-            payload = json.dumps({"error": f"internal error: {type(exc).__name__}: {exc}", "code": "internal"}).encode()
-            out_props = Properties(PacketTypes.PUBLISH)
-            out_props.UserProperty = [("error_code", "internal")]
+            payload, out_props = self._error("internal error (details are in the device's log)", "internal")
         if correlation is not None:
             out_props.CorrelationData = correlation
-        self.client.publish(response_topic, payload, qos=self.cfg.qos, properties=out_props)
+        try:
+            self.client.publish(response_topic or fallback, payload, qos=self.cfg.qos, properties=out_props)
+        except (ValueError, TypeError) as exc:
+            log.warning("MQTT reply to %s for %s could not be sent: %s", response_topic or fallback, message.topic, exc)
+
+    @staticmethod
+    def _error(message: str, code: str) -> tuple[bytes, Properties]:
+        out_props = Properties(PacketTypes.PUBLISH)
+        out_props.ContentType = JSON_CONTENT_TYPE
+        out_props.UserProperty = [("error_code", code)]
+        return json.dumps({"error": message, "code": code}).encode(), out_props
 
     def _infer(self, model: str, payload: bytes, content_type: str, user: dict[str, str]) -> tuple[bytes, Properties]:
         self.dataplane.check_model(model, user.get("version") or None)

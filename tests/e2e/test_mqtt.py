@@ -164,6 +164,11 @@ def test_without_response_topic_result_topic_is_used(peer, demo_bundles):
         ("nope", b"{}", None, None, "model_not_found", "unknown model"),
         ("digits-onnx", b"\x00" * 256, "application/x-edged-tensor", [("shape", "1,1,8,8")], "invalid_input", "'dtype' and 'shape'"),
         ("digits-onnx", b"\x00" * 10, "application/x-edged-tensor", [("dtype", "FP32"), ("shape", "1,1,8,8")], "invalid_input", "needs 256 bytes"),
+        # Issue 15: these gave "internal" (a ValueError from numpy) instead of a clear error.
+        ("digits-onnx", b"", "application/x-edged-tensor", [("dtype", "V0"), ("shape", "1,1,8,8")], "invalid_input", "not a numeric dtype"),
+        ("digits-onnx", b"\x00" * 256, "application/x-edged-tensor", [("dtype", "FP32"), ("shape", "-1,-64")], "invalid_input", "negative dimension"),
+        # 2**62 + 16 times 4 wraps to 64 elements in int64: the byte count matched, reshape raised.
+        ("digits-onnx", b"\x00" * 256, "application/x-edged-tensor", [("dtype", "FP32"), ("shape", "4611686018427387920,4")], "invalid_input", "dimension over"),
     ],
 )
 def test_bad_payloads_get_errors_and_loop_keeps_serving(peer, demo_bundles, model, payload, content_type, user, code, fragment):
@@ -173,6 +178,25 @@ def test_bad_payloads_get_errors_and_loop_keeps_serving(peer, demo_bundles, mode
     x, _ = samples(demo_bundles, "digits-tflite")
     ok = peer.request("digits-tflite", x[:1].tobytes(), "application/x-edged-tensor", [("dtype", "float32"), ("shape", "1,1,8,8")])
     assert "error_code" not in dict(ok.properties.UserProperty or [])
+
+
+def test_wildcard_response_topic_gets_an_error_on_the_result_topic(peer, daemon, demo_bundles):
+    """A wildcard Response Topic cannot be published to: the request was dropped with
+    no reply and no log line. Now the error goes to the device's result topic."""
+    peer.subscribe(f"edged/{DEVICE}/result/digits-onnx")
+    x, _ = samples(demo_bundles, "digits-onnx")
+    body = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": x[0].reshape(-1).tolist()}]}
+    for wildcard in ("replies/#", "replies/+/x"):
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = wildcard
+        props.CorrelationData = uuid.uuid4().bytes
+        peer.client.publish(f"edged/{DEVICE}/infer/digits-onnx", json.dumps(body).encode(), qos=1, properties=props)
+        message = peer.get()
+        assert message.topic == f"edged/{DEVICE}/result/digits-onnx"
+        assert message.properties.CorrelationData == props.CorrelationData
+        assert dict(message.properties.UserProperty)["error_code"] == "invalid_input"
+        assert "wildcard" in json.loads(message.payload)["error"]
+        assert f"Response Topic {wildcard!r} contains a wildcard" in daemon.logs()
 
 
 def test_model_events_published(broker, daemon):
