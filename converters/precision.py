@@ -31,6 +31,13 @@ TIE = 0.03  # passing candidates within 3% of the fastest count as equally fast:
 RUNTIME_NAMES = {"onnx": "onnxruntime", "openvino": "OpenVINO", "tflite": "TFLite"}
 
 
+def timing_budget(session: Any) -> float:
+    """TIMING_BUDGET_S, scaled down with ``--latency-runs`` below its default."""
+    from converters.report import LATENCY_RUNS
+
+    return TIMING_BUDGET_S * min(1.0, session.target.latency_runs / LATENCY_RUNS)
+
+
 def runtime_options(profile: Any, runtime: str) -> Any:
     """The profile's options for ``runtime`` as the daemon takes them."""
     from edged.runtimes import RuntimeOptions
@@ -151,7 +158,8 @@ def choose(session: Any, converter: Any) -> Any:
                               + "; ".join(f"{f['label']}: {f['error']}" for f in failures))
     options = runtime_options(session.profile, runtime)
     with session.progress.stage(f"{session.profile.name}: timing {len(built)} candidates on {runtime} (interleaved)"):
-        timed = time_interleaved({a.label: a.staged for a in built}, session.data.validation, options)
+        timed = time_interleaved({a.label: a.staged for a in built}, session.data.validation, options,
+                                 timing_budget(session))
     passing = [a for a in built if a.passed]
     chosen, why = _pick(passing, timed, runtime) if passing else (first or built[0], "no candidate passed the gate")
     fp32 = next((a for a in built if a.report.get("precision") == "fp32" and a.label == "fp32"), None)
@@ -247,7 +255,7 @@ def compare_with_fp32(session: Any, chosen: Any) -> None:
             return
     bundles = {chosen.label: chosen.staged} if fp32 is chosen else {chosen.label: chosen.staged, fp32.label: fp32.staged}
     with session.progress.stage(f"{session.profile.name}: timing {chosen.label} against fp32 on {runtime}"):
-        timed = time_interleaved(bundles, session.data.validation, options)
+        timed = time_interleaved(bundles, session.data.validation, options, timing_budget(session))
     _same_runtime(chosen, timed, fp32, runtime, options, auto=False)
     if "speed_note" in chosen.report:
         session.progress.note(f"{session.profile.name}: {chosen.report['speed_note']}")

@@ -42,6 +42,7 @@ class NodeLoss:
 @dataclass
 class Ranking:
     losses: list[NodeLoss]  # worst first
+    output_nodes: list[str] = field(default_factory=list)  # nodes that write the graph's outputs
 
     def float_node_order(self) -> list[str]:
         """Nodes to keep in float, in order: each sensitive node, then the nodes
@@ -54,6 +55,8 @@ class Ranking:
         return order
 
     def reason(self, node: str) -> str:
+        if node in self.output_nodes and not any(loss.node == node for loss in self.losses):
+            return f"{node} writes a model output: int8 there bounds the output's accuracy"
         for loss in self.losses:
             if loss.node == node:
                 return loss.why()
@@ -76,6 +79,26 @@ def _feeds(samples: Samples) -> Any:
     return Reader()
 
 
+def sqnr_db(reference: Any, values: Any) -> float:
+    """SQNR of ``values`` against ``reference`` (lists of arrays) in dB,
+    between -50 and SQNR_CAP_DB; a NaN/Inf where the reference is finite
+    (a Log of a value int8 rounded to 0) is the floor."""
+    ref = np.concatenate([np.asarray(a, np.float64).ravel() for a in reference])
+    got = np.concatenate([np.asarray(a, np.float64).ravel() for a in values])
+    if ref.shape != got.shape:
+        return math.nan
+    finite = np.isfinite(ref)
+    if np.any(~np.isfinite(got[finite])):
+        return -50.0
+    ref, got = ref[finite], got[finite]
+    signal, noise = float(np.sum(ref * ref)), float(np.sum((ref - got) ** 2))
+    if noise == 0.0:
+        return SQNR_CAP_DB
+    if signal == 0.0:
+        return -50.0
+    return max(-50.0, min(SQNR_CAP_DB, 10 * math.log10(signal / noise)))
+
+
 def _sqnr(err: dict[str, float]) -> float | None:
     value = err.get("xmodel_err")
     if value is None or not math.isfinite(value):
@@ -86,8 +109,6 @@ def _sqnr(err: dict[str, float]) -> float | None:
 def rank_nodes(prepared: Path, quantized: Path, samples: Samples, work: Path) -> Ranking:
     """Nodes of ``prepared`` (the float graph ``quantized`` was made from),
     worst first, by the noise they add in ``quantized``."""
-    import logging
-
     import onnx
     from onnxruntime.quantization import qdq_loss_debug as dbg
 
@@ -98,12 +119,13 @@ def rank_nodes(prepared: Path, quantized: Path, samples: Samples, work: Path) ->
     float_acts = dbg.collect_activations(str(float_aug), _feeds(samples))
     qdq_acts = dbg.collect_activations(str(qdq_aug), _feeds(samples))
     matching = dbg.create_activation_matching(qdq_acts, float_acts)
-    with np.errstate(all="ignore"):
-        level = logging.root.level
-        errors = dbg.compute_activation_error(matching)
-        logging.root.setLevel(level)
+    errors = dbg.compute_activation_error(matching, err_func=sqnr_db)
     graph = onnx.load(str(prepared)).graph
     measured = {name: v for name, err in errors.items() if (v := _sqnr(err)) is not None}
+    for name in set(float_acts) & set(qdq_acts) - set(measured):  # tensors left in float (outputs among them)
+        value = sqnr_db(float_acts[name], qdq_acts[name])
+        if not math.isnan(value):
+            measured[name] = value
     known: dict[str, float] = {}
     inits = {i.name for i in graph.initializer}
     for vi in graph.input:
@@ -129,7 +151,10 @@ def rank_nodes(prepared: Path, quantized: Path, samples: Samples, work: Path) ->
         losses.append(NodeLoss(node.name, node.op_type, round(sqnr_in, 2), round(sqnr_out, 2),
                                float(added), group))
     losses.sort(key=lambda loss: -loss.added_noise)
-    return Ranking(losses)
+    # An int8 output (a softmax in 1/255 steps) bounds the SQNR whatever
+    # happens upstream, and a squashing output hides the noise it adds.
+    outputs = [producer[o.name].name for o in graph.output if o.name in producer]
+    return Ranking(losses, list(dict.fromkeys(outputs)))
 
 
 def _upstream(node: Any, producer: dict[str, Any], consumers: dict[str, list[Any]], inits: set[str]) -> list[str]:

@@ -188,6 +188,19 @@ def _growth(count: int) -> Iterator[int]:
     yield count
 
 
+def _float_sets(ranking: Any | None) -> Iterator[list[str]]:
+    """The nodes to keep in float, step by step: the output nodes alone, then
+    with 1, 2, 4, 8 ... of the ranked nodes, up to all of them."""
+    if ranking is None:
+        return
+    outputs, order = list(ranking.output_nodes), ranking.float_node_order()
+    if outputs:
+        yield outputs
+    rest = [n for n in order if n not in outputs]
+    for count in _growth(len(rest)) if rest else ():
+        yield outputs + rest[:count]
+
+
 def _onnx_converter(options: Any) -> Any:
     from converters.onnx_qdq import OnnxQDQConverter
 
@@ -243,11 +256,9 @@ def _tune_onnx(tuner: Tuner) -> tuple[Any | None, Any | None]:
             return attempt, ranking
         if margin(attempt.report) > best_score:
             best, best_score = options, margin(attempt.report)
-    order = ranking.float_node_order() if ranking else []
     settings = _describe_options(best, base)
-    for count in _growth(len(order)) if order else ():
-        nodes = order[:count]
-        label = f"{count} node(s) in float{settings}"
+    for nodes in _float_sets(ranking):
+        label = f"{len(nodes)} node(s) in float{settings}"
         if not tuner.affordable():
             tuner.steps.append(Step(f"{label}: skipped, tuning budget spent", nodes, [], False, 0.0))
             break
@@ -279,10 +290,8 @@ def _tune_openvino(tuner: Tuner) -> tuple[Any | None, Any | None]:
             return attempt, ranking
         if attempt is not None and margin(attempt.report) > best_score:
             best_preset = "mixed"
-    order = ranking.float_node_order() if ranking else []
-    for count in _growth(len(order)) if order else ():
-        nodes = order[:count]
-        label = f"{count} node(s) in float (nncf IgnoredScope{', preset mixed' if best_preset else ''})"
+    for nodes in _float_sets(ranking):
+        label = f"{len(nodes)} node(s) in float (nncf IgnoredScope{', preset mixed' if best_preset else ''})"
         if not tuner.affordable():
             tuner.steps.append(Step(f"{label}: skipped, tuning budget spent", nodes, [], False, 0.0))
             break
