@@ -103,6 +103,7 @@ def test_every_model_becomes_a_verified_bundle_or_is_refused_naming_what_to_do(c
     out, made = cases
     for case in made:
         where = f"{case.model} on {case.profile}"
+        print(f"{where}: {'bundle' if case.bundle else 'refused'} (exit {case.proc.returncode})")
         if case.bundle is None:
             line = one_error_line(case.proc)
             assert WHAT_TO_DO.search(line), f"{where}: the refusal names nothing to do instead: {line}"
@@ -205,3 +206,21 @@ def test_refused_conversions_name_what_to_do(corpus_data, tmp_path):
     line = one_error_line(proc)
     assert WHAT_TO_DO.search(line), line
     assert not out.exists() or not any(out.iterdir()), "nothing written"
+
+
+def test_an_output_collapse_is_never_written(corpus_data, tmp_path):
+    """Calibrated on a constant image far off the text-line domain, int8 (no tuning, no float
+    fallback) squashes the classifier's scores to nearly constant: exit 4, nothing written."""
+    model, _, holdout = corpus_data["ppocr_cls"]
+    with np.load(holdout) as data:
+        x = data["x"]
+    off_domain = tmp_path / "constant.npz"
+    np.savez(off_domain, x=np.full_like(x[:16], 1e-4))
+    out = tmp_path / "out"
+    proc = edged("convert", str(model), "--profile", "generic-x86", "--precision", "int8", "--tune-budget-s", "0",
+                 "--calib", str(off_domain), "--holdout", str(holdout), "--task", "classify", "-o", str(out),
+                 "--latency-runs", "5")
+    line = one_error_line(proc)
+    assert proc.returncode == 4 and "collapsed" in line and "no bundle written" in line, line
+    assert "calibration data" in line, line
+    assert not out.exists() or not any(out.iterdir()), "a collapsed bundle was written"
