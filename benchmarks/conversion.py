@@ -49,12 +49,21 @@ def _secs(row: Row) -> str:
 
 
 def _latency(row: Row) -> str:
-    lat = row.latency_ms
+    """Bundle vs fp32 p50 on the same runtime (the report's latency_same_runtime); else the
+    report's source-vs-bundle figures, marked * (fp32 on onnxruntime)."""
+    same = row.same_runtime or {}
+    chosen, fp32 = same.get("chosen") or {}, same.get("fp32") or {}
+    if chosen.get("p50") and fp32.get("p50"):
+        text = f"{chosen['p50']:.2f} / {fp32['p50']:.2f} ({chosen['p50'] / fp32['p50']:.2f}x)"
+        int8 = same.get("int8_vs_fp32")
+        if int8 is not None and chosen.get("label") != "int8":
+            text += f"; int8 was {int8:.2f}x"
+        return text
     try:
-        conv, src = lat["converted"]["p50"], lat["source"]["p50"]
+        conv, src = row.latency_ms["converted"]["p50"], row.latency_ms["source"]["p50"]
     except (KeyError, TypeError):
         return "-"
-    return f"{conv:.2f} / {src:.2f} ({conv / src:.2f}x)" if src else f"{conv:.2f} / -"
+    return f"{conv:.2f} / {src:.2f}* ({conv / src:.2f}x)" if src else f"{conv:.2f} / -"
 
 
 def _size(row: Row) -> str:
@@ -72,7 +81,9 @@ def _cell(text: str, limit: int | None = None) -> str:
 def _outcome(row: Row) -> str:
     if row.has_bundle:
         what = f"{row.outcome}: {row.runtime} {row.precision}".strip()
-        return what + (f" ({row.detail})" if row.detail and row.outcome == "served as is" else "")
+        if row.auto:
+            what += f" (auto: {row.auto.split(': ', 1)[-1]})"
+        return what + (f" ({row.detail})" if row.detail else "")
     return f"{row.outcome}: {row.detail[:100]}" if row.detail else row.outcome
 
 
@@ -115,13 +126,14 @@ def markdown(results: dict[str, Any]) -> str:
         "**Gate over HTTP**: each bundle served by a real daemon, the held-out samples sent as KServe V2 binary "
         "requests, the task's gate (`converters.metrics`) computed on the answers against the fp32 source run "
         "directly; stateful VAD models also run a state loop (each `stateN` fed back as the next `state`) over a "
-        "clip. **s**: the whole command (the report's conversion step). **p50 ms**: the report's batch-1 latency, "
-        "bundle / fp32 source (" + _latency_note(rows) + "). **KiB**: fp32 source → bundle model files. "
+        "clip. **s**: the whole command (the report's first conversion step). **p50 ms**: the report's batch-1 "
+        "latency of the bundle / fp32 on the same runtime (`latency_same_runtime`; * where the report has only "
+        "the fp32 source on onnxruntime: " + _latency_note(rows) + "). **KiB**: fp32 source → bundle model files. "
         f"Each conversion capped at {results.get('timeout_s', CONVERT_TIMEOUT_S):.0f} s.",
         "",
         *summary(rows),
         "",
-        "| model | profile | outcome | gate over HTTP vs fp32 | s | p50 ms bundle / fp32 | KiB |",
+        "| model | profile | outcome | gate over HTTP vs fp32 | s | p50 ms bundle / fp32 same runtime | KiB |",
         "|---|---|---|---|---:|---:|---:|",
     ]
     for r in rows:

@@ -62,6 +62,8 @@ class Row:
     convert_s: float | None = None  # the report's conversion step
     latency_ms: dict[str, Any] = field(default_factory=dict)
     latency_setup: str = ""
+    same_runtime: dict[str, Any] = field(default_factory=dict)  # the report's latency_same_runtime
+    auto: str = ""  # precision auto: what was chosen and why
     size_bytes: int | None = None
     source_bytes: int | None = None
     report_gate: str = ""
@@ -189,6 +191,9 @@ def _from_report(row: Row, bundle_dir: Path) -> None:
     row.convert_s = report.get("conversion_seconds")
     row.latency_ms = report.get("latency_ms", {})
     row.latency_setup = report.get("latency_setup", "")
+    row.same_runtime = report.get("latency_same_runtime", {})
+    auto = report.get("precision_auto") or {}
+    row.auto = f"{auto.get('chosen', '')}: {auto.get('why', '')}" if auto else ""
     row.size_bytes = report.get("size_bytes", {}).get("converted")
     row.source_bytes = report.get("size_bytes", {}).get("source")
     row.report_gate = "; ".join(v["text"] for v in report["gate"]["verdicts"])
@@ -308,7 +313,17 @@ def run_all_rows(names: list[str] | None = None, profiles: list[str] | None = No
 
 
 def load_rows(paths: list[Path]) -> list[Row]:
+    """Rows from .jsonl files; a row whose bundle is still on disk re-reads its report."""
+    known = set(Row.__dataclass_fields__)
     rows = []
     for path in paths:
-        rows += [Row(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+        if not path.is_file():
+            print(f"note: {path}: no rows yet", file=sys.stderr)
+            continue
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = Row(**{k: v for k, v in json.loads(line).items() if k in known})
+                if row.bundle and (Path(row.bundle) / "report.json").is_file():
+                    _from_report(row, Path(row.bundle))
+                rows.append(row)
     return rows
