@@ -52,7 +52,7 @@ class HttpConfig:
     body_timeout_s: float = 30.0  # longest wait between two reads of a body
     idle_timeout_s: float = 30.0  # idle keep-alive connections are closed after this
     max_connections: int = 1000  # beyond it: 503 (capped by RLIMIT_NOFILE)
-    max_inflight_bytes: int = 384 * 1024 * 1024  # request bodies in flight, each counted twice; beyond: 503
+    max_inflight_bytes: int = 512 * 1024 * 1024  # bodies + tensors + responses in flight; beyond: 503
 
 
 @dataclass

@@ -11,9 +11,10 @@ import ctypes
 import ctypes.util
 import logging
 import resource
+import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from edged.errors import EdgedError, Overloaded
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 # asyncio logs every failed accept() ("Too many open files") once per retry.
 RATE_LIMITED_LOGGERS = ("asyncio", "aiohttp.server", "aiohttp.web", "edged.transports.http", __name__)
 FD_RESERVE = 128  # descriptors kept for models, files and the state database
-BODY_WEIGHT = 2  # a body counts twice: the bytes and the tensors decoded from them
 TRIM_AFTER_BYTES = 1024 * 1024  # give memory back once requests this big are done
 
 
@@ -38,9 +38,10 @@ class RateLimitFilter(logging.Filter):
     """The same warning or error at most once per ``interval`` seconds; the next one
     that passes says how many were suppressed."""
 
-    def __init__(self, interval: float = 1.0) -> None:
+    def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.interval = interval
+        self.clock = clock
         self._last: dict[tuple[str, str], float] = {}
         self._suppressed: dict[tuple[str, str], int] = {}
 
@@ -48,7 +49,7 @@ class RateLimitFilter(logging.Filter):
         if record.levelno < logging.WARNING:
             return True
         key = (record.name, str(record.msg)[:200])
-        now = time.monotonic()
+        now = self.clock()
         if now - self._last.get(key, -self.interval) < self.interval:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return False
@@ -94,34 +95,64 @@ def malloc_trim() -> bool:
         return False
 
 
-@dataclass
 class InflightBudget:
-    """Bytes held by requests in flight, across all of them, with a ceiling."""
+    """Bytes held by requests in flight, across all of them, with a ceiling.
+    Thread-safe: decoding threads take their tensors' bytes as they go."""
 
-    limit: int
-    used: int = 0
-    peak_since_trim: int = 0
-    on_refused: Callable[[], None] = field(default=lambda: None)
+    def __init__(self, limit: int, on_refused: Callable[[], None] = lambda: None) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak_since_trim = 0
+        self.on_refused = on_refused
+        self._lock = threading.Lock()
 
     def reserve(self, nbytes: int) -> None:
         """Take ``nbytes`` or raise Overloaded (503) saying why."""
-        if self.used + nbytes > self.limit:
+        with self._lock:
+            if self.used + nbytes > self.limit:
+                used = self.used
+                refused = True
+            else:
+                self.used += nbytes
+                self.peak_since_trim = max(self.peak_since_trim, self.used)
+                refused = False
+        if refused:
             self.on_refused()
             raise Overloaded(
-                f"server busy: requests in flight hold {self.used} bytes and this one needs {nbytes} "
+                f"server busy: requests in flight hold {used} bytes and this one needs {nbytes} "
                 f"more, over http.max_inflight_bytes ({self.limit}); retry shortly"
             )
-        self.used += nbytes
-        self.peak_since_trim = max(self.peak_since_trim, self.used)
 
     def release(self, nbytes: int) -> bool:
         """Give ``nbytes`` back; True when the server is idle after big requests
         (time to give memory back to the OS)."""
-        self.used = max(0, self.used - nbytes)
-        if self.used == 0 and self.peak_since_trim >= TRIM_AFTER_BYTES:
-            self.peak_since_trim = 0
-            return True
-        return False
+        with self._lock:
+            self.used = max(0, self.used - nbytes)
+            if self.used == 0 and self.peak_since_trim >= TRIM_AFTER_BYTES:
+                self.peak_since_trim = 0
+                return True
+            return False
+
+    def hold(self, nbytes: int) -> "Hold":
+        self.reserve(nbytes)
+        return Hold(self, nbytes)
+
+
+@dataclass
+class Hold:
+    """One request's share of the budget: its body, then its tensors as they are made."""
+
+    budget: InflightBudget
+    held: int = 0
+
+    def take(self, nbytes: int) -> None:
+        if nbytes > 0:
+            self.budget.reserve(nbytes)
+            self.held += nbytes
+
+    def release(self) -> bool:
+        held, self.held = self.held, 0
+        return self.budget.release(held)
 
 
 REFUSAL_BODY = (b'{"error":"server busy: too many open connections (http.max_connections); retry shortly",'

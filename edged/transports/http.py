@@ -18,7 +18,7 @@ from edged.config import HttpConfig
 from edged.dataplane import DataPlane
 from edged.errors import EdgedError, InvalidInput, PayloadTooLarge
 from edged.http_limits import (
-    BODY_WEIGHT, ConnectionGate, InflightBudget, RateLimitFilter, RequestTimeout, effective_max_connections, malloc_trim,
+    ConnectionGate, Hold, InflightBudget, RateLimitFilter, RequestTimeout, effective_max_connections, malloc_trim,
 )
 from edged.v2 import HEADER_LENGTH, decode_request, dumps, encode_response, parse_json_object, response_bytes
 
@@ -96,15 +96,18 @@ class HttpTransport:
                                    ["what"], registry=registry)
         self.m_codec_busy = Gauge("edged_http_codec_in_progress", "Bodies being decoded or encoded in worker threads now.",
                                   registry=registry)
-        self.m_inflight = Gauge("edged_http_inflight_bytes", "Bytes held by HTTP requests in flight (bodies counted twice).",
+        self.m_inflight = Gauge("edged_http_inflight_bytes", "Bytes held by HTTP requests in flight (bodies, tensors, responses).",
                                 registry=registry)
+        self.m_connections = Gauge("edged_http_open_connections", "Open HTTP connections (TLS handshakes included).",
+                                   registry=registry)
+        self.m_connections.set_function(lambda: len(self.gate.live) if self.gate else 0)
         self.m_trims = Counter("edged_http_memory_trims", "Times freed memory was handed back to the OS after big requests.",
                                registry=registry)
         self.host = host
         self.port = port
         self.max_body_bytes = max_body_bytes
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edged-infer")
-        self.budget = InflightBudget(max(self.settings.max_inflight_bytes, max_body_bytes * BODY_WEIGHT),
+        self.budget = InflightBudget(max(self.settings.max_inflight_bytes, 2 * max_body_bytes),
                                      on_refused=lambda: self.m_refused.labels("inflight_bytes").inc())
         self.tokens: TokenStore | None = None
         self.gate: ConnectionGate | None = None
@@ -297,16 +300,16 @@ class HttpTransport:
                 raise PayloadTooLarge(f"request body is over the limit of {self.max_body_bytes} bytes (http.max_body_bytes)")
             body += chunk
 
-    async def _budgeted(self, request: web.Request, work: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """Run ``work`` holding the request's share of http.max_inflight_bytes; 503 when
-        it is not there. Memory goes back to the OS once big requests are done."""
-        held = min(request.content_length or self.max_body_bytes, self.max_body_bytes) * BODY_WEIGHT
-        self.budget.reserve(held)
+    async def _budgeted(self, request: web.Request, work: Callable[[Hold], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """Run ``work`` holding the request's share of http.max_inflight_bytes (its body
+        first, then its tensors and response as they are made); 503 when it is not there.
+        Memory goes back to the OS once big requests are done."""
+        hold = self.budget.hold(min(request.content_length or self.max_body_bytes, self.max_body_bytes))
         self.m_inflight.set(self.budget.used)
         try:
-            return await work()
+            return await work(hold)
         finally:
-            trim = self.budget.release(held)
+            trim = hold.release()
             self.m_inflight.set(self.budget.used)
             if trim:
                 asyncio.get_running_loop().run_in_executor(self.executor, self._trim)
@@ -325,20 +328,25 @@ class HttpTransport:
                 header_length = int(header)
             except ValueError:
                 raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header!r}") from None
-        return await self._budgeted(request, lambda: self._infer(request, header_length))
+        return await self._budgeted(request, lambda hold: self._infer(request, header_length, hold))
 
-    async def _infer(self, request: web.Request, header_length: int | None) -> web.Response:
+    async def _infer(self, request: web.Request, header_length: int | None, hold: Hold) -> web.Response:
         info = request.match_info
         body = await self._read(request)
-        decoded = await self._codec("decode", len(body), decode_request, info["model"], info.get("version"), body, header_length)
+        decoded = await self._codec("decode", len(body), decode_request, info["model"], info.get("version"), body,
+                                    header_length, hold.take)
+        self.m_inflight.set(self.budget.used)
         del body  # the tensors may still point into it (binary data); the rest can go
         if self.dataplane.runs_inline(decoded.request, self.inline_max_us):
             self.m_inline.inc()
             response = self.dataplane.infer(decoded.request, "http")
         else:
             response = await self._offload(self.dataplane.infer, decoded.request, "http")
+        size = response_bytes(response)
+        hold.take(size * 4)  # JSON text of numbers takes up to ~4x their binary size
+        self.m_inflight.set(self.budget.used)
         payload, json_length = await self._codec(
-            "encode", response_bytes(response), encode_response, response, decoded.binary_outputs, decoded.all_binary)
+            "encode", size, encode_response, response, decoded.binary_outputs, decoded.all_binary)
         if json_length is None:
             return web.Response(body=payload, content_type="application/json")
         return web.Response(
