@@ -8,6 +8,7 @@ old one unloads only after its in-flight requests finish.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from edged.runtimes import RuntimeOptions
 log = logging.getLogger(__name__)
 
 NAME_LOCKS = 64
+# Test hook: while the file EDGED_TEST_LOAD_GATE names exists, model loads wait (a slow load).
+LOAD_GATE_ENV = "EDGED_TEST_LOAD_GATE"
 BROKEN_VERSION = "unusable"  # the version an unusable bundle is listed under
 
 
@@ -303,6 +306,7 @@ class ModelRegistry:
         previous_state = entry.state
         if previous_state is not ModelState.READY:
             entry.state, entry.reason = ModelState.LOADING, ""
+        self._wait_for_gate()
         try:
             bundle: Bundle = open_bundle(entry.source, self._unpack_dir())
             new = LoadedModel.load(bundle, self.options_for(bundle.manifest.runtime), self.config.warmup_runs)
@@ -322,6 +326,15 @@ class ModelRegistry:
         self.metrics.load_time.labels(entry.name, entry.version, entry.runtime).set(new.load_seconds)
         self._publish("loaded", entry)
         log.info("loaded %s %s (%s) in %.3fs", entry.name, entry.version, entry.runtime, new.load_seconds)
+
+    @staticmethod
+    def _wait_for_gate() -> None:
+        gate = os.environ.get(LOAD_GATE_ENV)
+        if not gate:
+            return
+        deadline = time.monotonic() + 600
+        while os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _fail(self, entry: ModelEntry, reason: str, keep_serving: bool) -> None:
         log.error("model %s %s failed to load: %s", entry.name, entry.version, reason)
