@@ -420,7 +420,10 @@ def test_crash_loop_after_update_rolls_back(tmp_path, mqtt_broker, bundle_server
     topic = device_topic("edged", "dev-l", MODEL)
     try:
         publish(mqtt_broker.port, topic, message_for(archive, base_url + "loop/", releases["2.0.0"]))
-        wait_for(lambda: served_version(device) == "2.0.0", 60, "v2 active")
+        # Serving v2 starts at "swapping"; the crash loop is about restarts once the switch is
+        # persisted, so wait for "watching" (a kill -9 before that is an interrupted update).
+        wait_for(lambda: ota_status(device).get("state") == "watching", 60, "v2 persisted and watched")
+        assert served_version(device) == "2.0.0"
         for _ in range(3):
             device.stop(signal.SIGKILL)
             device = start_device(tmp_path / "dev", "dev-l", mqtt_broker.port, keys.trusted_dir, [], releases["1.0.0"], extra_ota=extra)
