@@ -16,7 +16,8 @@ TFLite inputs and outputs get the ONNX names in the ONNX order.
 Calibration data: ``{input name: array}``; an array of the input's rank holds
 samples along dim 0 (sample i is ``a[i:i+1]``), one of rank + 1 along a new
 leading axis (sample i is ``a[i]``). A single-input model may use the key
-``x``. At most ``max_samples`` samples, evenly spread, are used.
+``x``. At most ``max_samples`` samples (default 32), evenly spread, are used;
+fewer for large inputs (16 for a 3x640x640 image, see CALIBRATION_ELEMENTS).
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("onnx_tf_worker.py")
 DEFAULT_CACHE = REPO / "build" / "cache" / "onnx2tf"
 MAX_SAMPLES = 32
+# TensorFlow's int8 calibration runs reference kernels: cap the samples of large inputs so that
+# calibration costs about as much as 16 samples of a 3x640x640 image (never fewer than 8 samples).
+CALIBRATION_ELEMENTS = 16 * 3 * 640 * 640
+MIN_SAMPLES = 8
 INSTEAD = ("Instead: serve the float model as it is with `edged bundle create` (the .onnx, or an fp32 .tflite), "
            "or convert for a profile with the ONNX runtime (e.g. --profile generic-arm64)")
 
@@ -128,7 +133,9 @@ def calibration_samples(inputs: list[_Input], calibration: dict[str, np.ndarray]
     if len(counts) != 1 or 0 in counts:
         raise ConversionError(f"calibration arrays must all hold the same number (> 0) of samples, got {sorted(counts)}")
     n = counts.pop()
-    pick = np.unique(np.linspace(0, n - 1, min(n, max(1, max_samples))).round().astype(int))
+    per_sample = sum(int(np.prod(a.shape[1:])) for a in stacked.values())
+    limit = min(max_samples, max(MIN_SAMPLES, CALIBRATION_ELEMENTS // max(per_sample, 1)))
+    pick = np.unique(np.linspace(0, n - 1, min(n, max(1, limit))).round().astype(int))
     return {k: np.ascontiguousarray(v[pick]) for k, v in stacked.items()}
 
 
@@ -176,7 +183,8 @@ def convert(onnx_path: Path, calibration: dict[str, np.ndarray], work_dir: Path,
     result_file = work / "result.json"
     if not result_file.is_file():
         tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-        raise ConversionError(f"{onnx_path.name}: the onnx2tf worker exited with code {proc.returncode} at step "
+        how = f"crashed (signal {-proc.returncode})" if proc.returncode < 0 else f"exited with code {proc.returncode}"
+        raise ConversionError(f"{onnx_path.name}: the onnx2tf worker {how} at step "
                               f"{_last_step(log_path)!r} without a result: {' | '.join(tail)[-400:]}. {INSTEAD}")
     result = json.loads(result_file.read_text())
     if not result.get("ok"):

@@ -53,7 +53,11 @@ class StepError(Exception):
         self.step, self.kind, self.op_type, self.node = step, kind, op_type, node
 
 
+CURRENT_STEP = {"name": "start"}  # the step main() names when something unexpected fails
+
+
 def step(name: str) -> None:
+    CURRENT_STEP["name"] = name
     print(f"STEP {name}", flush=True)
 
 
@@ -90,8 +94,10 @@ def prepare(source: Path, shapes: dict[str, list[int]], dest: Path) -> dict[str,
         import onnxsim
 
         model_s, ok = onnxsim.simplify(model)
-        if ok:
+        if ok and loads(model_s):
             model, simplified = model_s, True
+        else:
+            print("onnxsim's result does not check or load; converting the unsimplified model", flush=True)
     except Exception as exc:  # onnxsim fails on some graphs; onnx2tf copes without
         print(f"onnxsim failed, converting the unsimplified model: {type(exc).__name__}: {exc}", flush=True)
     seen: set[str] = set()
@@ -101,6 +107,19 @@ def prepare(source: Path, shapes: dict[str, list[int]], dest: Path) -> dict[str,
         seen.add(node.name)
     onnx.save(model, str(dest))
     return {"simplified": simplified, "op_types": sorted({n.op_type for n in model.graph.node})}
+
+
+def loads(model: Any) -> bool:
+    """Whether onnxruntime can load ``model``."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception:
+        return False
+    return True
 
 
 def sha256_file(path: Path) -> str:
@@ -181,8 +200,36 @@ def patch_onnx2tf() -> None:
 
     sme._GraphExecutor._resolve_tensor = resolve_state  # noqa: SLF001
 
+    # Its LSTM/GRU/RNN kernels loop with tf.scan, a WHILE op in TFLite, whose int8
+    # calibration crashes; over a static sequence length, unroll the loop instead.
+    scan = tf.scan
 
-def run_onnx2tf(prepared: Path, out: Path, backend: str, inputs: list[str], log_path: Path) -> Path:
+    def unrolled_scan(fn: Any, elems: Any, initializer: Any = None, *args: Any, reverse: bool = False, **kw: Any) -> Any:
+        first = tf.nest.flatten(elems)[0]
+        steps = first.shape[0] if first.shape.rank else None
+        if steps is None or initializer is None or reverse or args:
+            return scan(fn, elems, initializer, *args, reverse=reverse, **kw)
+        acc, outs = initializer, []
+        for t in range(int(steps)):
+            acc = fn(acc, tf.nest.map_structure(lambda e: e[t], elems))
+            outs.append(acc)
+        return tf.nest.map_structure(lambda *xs: tf.stack(xs, axis=0), *outs)
+
+    sme.tf.scan = unrolled_scan
+
+
+def error_line(log: str) -> str:
+    """The most specific exception line of a log: the first raised (the root cause),
+    not the wrappers raised from it."""
+    lines = [ln.strip() for ln in log.splitlines() if re.match(r"\s*[\w.]*(Error|Exception)\b[^:]*: ", ln)]
+    generic = ("fast path failed", "Exception encountered when calling layer", "in user code")
+    specific = [ln for ln in lines if not any(g in ln for g in generic)]
+    line = (specific or lines or [""])[0]
+    line = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", line)
+    return re.sub(r"^[\w.]*\.(\w+(Error|Exception))", r"\1", line)
+
+
+def run_onnx2tf(prepared: Path, out: Path, backend: str, inputs: list[str], log_path: Path, simplified: bool) -> Path:
     """onnx2tf.convert into ``out``; returns the SavedModel folder."""
     import contextlib
     import io
@@ -193,6 +240,7 @@ def run_onnx2tf(prepared: Path, out: Path, backend: str, inputs: list[str], log_
     kwargs: dict[str, Any] = dict(
         input_onnx_file_path=str(prepared), output_folder_path=str(out), tflite_backend=backend,
         output_signaturedefs=True, copy_onnx_input_output_names_to_tflite=True, verbosity="info",
+        not_use_onnxsim=simplified,  # prepare ran onnxsim already
     )
     if backend == "flatbuffer_direct":
         # enable_rnn_unroll: LSTM/GRU as plain ops over the (static) sequence; a WHILE loop
@@ -216,18 +264,18 @@ def run_onnx2tf(prepared: Path, out: Path, backend: str, inputs: list[str], log_
                 print(f"onnx2tf ({backend}) raised after writing the SavedModel: {failure!r}", flush=True)
             return candidate
     op_type, node = onnx_error(log, prepared)
-    last = [ln for ln in log.splitlines() if re.search(r"Error|error|ERROR", ln)]
-    message = (last[-1].strip() if last else repr(failure) or "no SavedModel written")[:500]
+    message = (error_line(log) or repr(failure) or "no SavedModel written")[:500]
     raise StepError("float", f"onnx2tf ({backend}): {message}", kind="unsupported_op" if op_type else "conversion",
                     op_type=op_type, node=node)
 
 
-def float_saved_model(job: dict[str, Any], prepared: Path, inputs: list[str], log_path: Path) -> tuple[Path, str, bool]:
+def float_saved_model(job: dict[str, Any], prepared: Path, inputs: list[str], log_path: Path,
+                      simplified: bool) -> tuple[Path, str, bool]:
     """(SavedModel folder, backend, from cache)."""
     import onnx2tf
 
     version = getattr(onnx2tf, "__version__", "")
-    key_src = json.dumps([sha256_file(Path(job["source"])), job["shapes"], version, 3], sort_keys=True)
+    key_src = json.dumps([sha256_file(Path(job["source"])), job["shapes"], version, 4], sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
     cache = Path(job["cache_dir"]) / key if job.get("cache_dir") else None
     if cache is not None and (cache / "saved_model" / "saved_model.pb").is_file():
@@ -237,7 +285,7 @@ def float_saved_model(job: dict[str, Any], prepared: Path, inputs: list[str], lo
         out = Path(job["work_dir"]) / f"onnx2tf-{backend}"
         shutil.rmtree(out, ignore_errors=True)
         try:
-            saved = run_onnx2tf(prepared, out, backend, inputs, log_path)
+            saved = run_onnx2tf(prepared, out, backend, inputs, log_path, simplified)
         except StepError as exc:
             errors.append(exc)
             print(f"onnx2tf backend {backend} failed: {exc}", flush=True)
@@ -423,19 +471,26 @@ def rename_io(model_bytes: bytes, in_names: list[str], out_names: list[str]) -> 
 
 
 def inspect_tflite(path: Path) -> dict[str, Any]:
-    from ai_edge_litert.interpreter import Interpreter
+    """Ops, I/O and which ops still compute in float (the converter keeps an op
+    in float, between DEQUANTIZE and QUANTIZE, when it has no int8 kernel)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interp = Interpreter(model_path=str(path))
+    interp = Interpreter(model_path=str(path),
+                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interp.allocate_tensors()
-    ops = sorted({op["op_name"] for op in interp._get_ops_details()})  # noqa: SLF001 - the only op listing
-    details = interp.get_tensor_details()
-    float_tensors = sum(1 for d in details if np.dtype(d["dtype"]) == np.float32)
-    int8_tensors = sum(1 for d in details if np.dtype(d["dtype"]) == np.int8)
+    tensors = {d["index"]: d for d in interp.get_tensor_details()}
+    op_details = interp._get_ops_details()  # noqa: SLF001 - the only op listing
+    float_ops = sorted({op["op_name"] for op in op_details if op["op_name"] != "DEQUANTIZE" and any(
+        i in tensors and np.dtype(tensors[i]["dtype"]) == np.float32 for i in op["outputs"])})
 
     def io(d: dict) -> dict:
-        return {"name": d["name"], "shape": [int(x) for x in d["shape"]], "dtype": np.dtype(d["dtype"]).name}
+        scale, zero = d["quantization"]
+        return {"name": d["name"], "shape": [int(x) for x in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
+                "scale": float(scale), "zero_point": int(zero)}
 
-    return {"ops": ops, "float_tensors": float_tensors, "int8_tensors": int8_tensors,
+    return {"ops": sorted({op["op_name"] for op in op_details}), "float_ops": float_ops,
+            "float_tensors": sum(1 for d in tensors.values() if np.dtype(d["dtype"]) == np.float32),
+            "int8_tensors": sum(1 for d in tensors.values() if np.dtype(d["dtype"]) == np.int8),
             "inputs": [io(d) for d in interp.get_input_details()], "outputs": [io(d) for d in interp.get_output_details()]}
 
 
@@ -468,7 +523,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     step("float")
     t = time.monotonic()
     float_inputs = [k for k in names if len(job["shapes"][k]) in (3, 4, 5)]
-    saved, backend, cached = float_saved_model(job, prepared, float_inputs, log_path)
+    saved, backend, cached = float_saved_model(job, prepared, float_inputs, log_path, info["simplified"])
     timings["float"] = time.monotonic() - t
 
     step("wrap")
@@ -501,8 +556,10 @@ def main() -> int:
                   "message": str(exc)}
     except Exception as exc:  # anything else: name the step the STEP lines reached
         traceback.print_exc()
-        result = {"ok": False, "kind": "conversion", "step": "", "op_type": "", "node": "",
-                  "message": f"{type(exc).__name__}: {exc}"}
+        first = (str(exc).strip().splitlines() or [""])[0]
+        first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "onnxruntime: ", first)
+        result = {"ok": False, "kind": "conversion", "step": CURRENT_STEP["name"], "op_type": "", "node": "",
+                  "message": f"{type(exc).__name__}: {first[:400]}"}
     Path(result_path).write_text(json.dumps(result, indent=1, default=str))
     return 0 if result["ok"] else 1
 
