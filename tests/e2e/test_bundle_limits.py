@@ -9,7 +9,7 @@ import shutil
 
 from edged.bundle import open_bundle, pack_bundle, write_bundle
 from tests.helpers import start_daemon
-from tests.unit.test_bundle import _bomb
+from tests.bombs import make_bomb as _bomb
 from tests.unit.tiny_model import write_tiny_bundle
 
 

@@ -100,31 +100,7 @@ def test_semver_ordering():
 
 
 # -- archive bombs, unlisted files, symlinks (issue 15, defects 4 and 8) -------------
-def _bomb(tmp_path, unpacked: int, name: str = "bomb.tar.gz"):
-    """A valid tiny bundle plus ``unpacked`` bytes of zeros: a tiny archive."""
-    bundle = write_tiny_bundle(tmp_path / "src")
-    archive = tmp_path / name
-    with tarfile.open(archive, "w:gz") as tar:
-        for file in sorted(bundle.root.iterdir()):
-            tar.add(file, arcname=file.name)
-        info = tarfile.TarInfo("zeros.bin")
-        info.size = unpacked
-
-        class Zeros(io.RawIOBase):
-            def __init__(self):
-                self.left = unpacked
-
-            def readable(self):
-                return True
-
-            def readinto(self, buffer):
-                n = min(len(buffer), self.left)
-                buffer[:n] = bytes(n)
-                self.left -= n
-                return n
-
-        tar.addfile(info, io.BufferedReader(Zeros()))
-    return archive
+from tests.bombs import make_bomb as _bomb  # noqa: E402
 
 
 def _bytes_under(root):

@@ -13,7 +13,7 @@ from edged.dataplane import DataPlane
 from edged.errors import ModelNotFound, ModelNotReady
 from edged.metrics import Metrics
 from edged.registry import NAME_LOCKS, ModelRegistry
-from tests.unit.test_bundle import _bomb
+from tests.bombs import make_bomb as _bomb
 from tests.unit.tiny_model import write_tiny_bundle
 
 
