@@ -217,6 +217,20 @@ def patch_onnx2tf() -> None:
 
     sme.tf.scan = unrolled_scan
 
+    # ARG_MAX/ARG_MIN carry their axis as a 1-element tensor; tf.argmax wants a scalar
+    # (it only notices once shapes are static, as they are after unrolling).
+    def arg_kernel(is_max: bool) -> Any:
+        def kernel(executor: Any, op: Any, env: Any) -> None:
+            x = executor._resolve_tensor(op.inputs[0], env)  # noqa: SLF001
+            axis = tf.reshape(tf.cast(executor._resolve_tensor(op.inputs[1], env), tf.int32), [])  # noqa: SLF001
+            out_type = sme._TF_DTYPE_BY_TFLITE_DTYPE.get(str(op.options.get("outputType", "INT64")).upper(), tf.int64)  # noqa: SLF001
+            y = (tf.argmax if is_max else tf.argmin)(x, axis=axis, output_type=out_type)
+            executor._assign_outputs(op, [y], env)  # noqa: SLF001
+        return kernel
+
+    sme._REGISTERED_KERNELS["ARG_MAX"] = arg_kernel(True)  # noqa: SLF001
+    sme._REGISTERED_KERNELS["ARG_MIN"] = arg_kernel(False)  # noqa: SLF001
+
 
 def error_line(log: str) -> str:
     """The most specific exception line of a log: the first raised (the root cause),
@@ -275,7 +289,7 @@ def float_saved_model(job: dict[str, Any], prepared: Path, inputs: list[str], lo
     import onnx2tf
 
     version = getattr(onnx2tf, "__version__", "")
-    key_src = json.dumps([sha256_file(Path(job["source"])), job["shapes"], version, 4], sort_keys=True)
+    key_src = json.dumps([sha256_file(Path(job["source"])), job["shapes"], version, 5], sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
     cache = Path(job["cache_dir"]) / key if job.get("cache_dir") else None
     if cache is not None and (cache / "saved_model" / "saved_model.pb").is_file():
