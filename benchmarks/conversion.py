@@ -9,7 +9,8 @@ more model when build/demo-data has it.
     python -m benchmarks.conversion --markdown rows.jsonl [more.jsonl ...]
 
 Environment for ``make bench``: EDGED_BENCH_CORPUS_MODELS, EDGED_BENCH_PROFILES (comma lists),
-EDGED_BENCH_CONVERT_TIMEOUT_S (default 900).
+EDGED_BENCH_CONVERT_TIMEOUT_S (default 900), EDGED_BENCH_RESUME=1 (take conversions already
+logged under build/bench-corpus/logs for the same command, e.g. after an interrupted run).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def run() -> dict[str, Any]:
     WORK.mkdir(parents=True, exist_ok=True)
     print(f"  rows as they finish: {rows_file}", flush=True)
     rows = run_all_rows(_env_list("EDGED_BENCH_CORPUS_MODELS"), _env_list("EDGED_BENCH_PROFILES"),
-                        timeout, rows_file=rows_file)
+                        timeout, rows_file=rows_file, resume=os.environ.get("EDGED_BENCH_RESUME") == "1")
     return {"timeout_s": timeout, "latency_runs": LATENCY_RUNS, "rows": [asdict(r) for r in rows]}
 
 
@@ -158,6 +159,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=CONVERT_TIMEOUT_S, help="seconds per conversion")
     parser.add_argument("--rows", type=Path, default=None, help="append each model's rows to this .jsonl")
     parser.add_argument("--work", type=Path, default=WORK)
+    parser.add_argument("--resume", action="store_true",
+                        help="take conversions already logged under WORK/logs for the same command")
     parser.add_argument("--markdown", type=Path, nargs="+", help="print the table of these .jsonl row files")
     args = parser.parse_args()
     if args.markdown:
@@ -165,7 +168,7 @@ def main() -> None:
         return
     names = [n for n in args.models.split(",") if n] or None
     profiles = [p for p in args.profiles.split(",") if p]
-    rows = run_all_rows(names, profiles, args.timeout, args.work, args.rows)
+    rows = run_all_rows(names, profiles, args.timeout, args.work, args.rows, args.resume)
     print(markdown({"rows": [asdict(r) for r in rows], "timeout_s": args.timeout}))
 
 

@@ -82,16 +82,19 @@ class Row:
 
 
 def bench_models(names: list[str] | None = None) -> list[BenchModel]:
-    """The corpus catalogue (fetched into build/corpus on first use), plus the demo digits."""
+    """The corpus catalogue (fetched into build/corpus on first use), plus the demo digits;
+    ``names`` picks some, in the order given."""
     from tests.corpus import models
 
+    every = {m.name: m for m in models.CATALOGUE}
     chosen = []
-    for m in models.CATALOGUE:
-        if names and m.name not in names:
+    for name in names or [*every, "demo_digits"]:
+        if name == "demo_digits":
+            if _demo_ready():
+                chosen.append(BenchModel(name, DEMO_SOURCE, "onnx", "classify", DEMO_DATA, DEMO_DATA))
             continue
+        m = models.get(name)  # KeyError naming the known models
         chosen.append(BenchModel(m.name, m.path(), m.format, m.task))
-    if (not names or "demo_digits" in names) and _demo_ready():
-        chosen.append(BenchModel("demo_digits", DEMO_SOURCE, "onnx", "classify", DEMO_DATA, DEMO_DATA))
     return chosen
 
 
@@ -165,12 +168,35 @@ def error_line(text: str) -> str:
 OUTCOMES = {0: "written", 2: "refused", 3: "gate failed", 4: "collapsed"}
 
 
-def convert_row(model: BenchModel, profile: str, out: Path, timeout: float, logs: Path) -> Row:
+def read_log(log: Path, args: list[str]) -> Ran | None:
+    """The result ``run_cli`` logged for these same ``args``, or None."""
+    try:
+        head, rest = log.read_text().split("\n--- stdout\n", 1)
+        command, status = head.split("\n", 1)
+        out, err = rest.split("\n--- stderr\n", 1)
+        rc_text, secs = status.removeprefix("rc=").removesuffix(" s").split(" in ")
+    except (OSError, ValueError):
+        return None
+    if command != f"$ {' '.join(args)}":
+        return None
+    return Ran(None if rc_text == "None" else int(rc_text), out, err, float(secs))
+
+
+def convert_row(model: BenchModel, profile: str, out: Path, timeout: float, logs: Path,
+                resume: bool = False) -> Row:
+    """One ``edged convert``; with ``resume``, a finished run logged for the same command
+    (and its bundle, if it wrote one) is taken instead of converting again."""
     name = f"{model.name}-{profile}"
     args = ["convert", str(model.path), "--profile", profile, "--calib", str(model.calib), "--holdout",
             str(model.holdout), "--task", model.task, "-o", str(out), "--name", name,
             "--latency-runs", str(LATENCY_RUNS)]
-    ran = run_cli(python_for(profile), args, timeout, logs / f"{name}.convert.log")
+    log = logs / f"{name}.convert.log"
+    ran = read_log(log, args) if resume else None
+    if ran is not None and ran.rc == 0 and not (out / name / "report.json").is_file():
+        ran = None
+    if ran is None:
+        shutil.rmtree(out / name, ignore_errors=True)  # a bundle from an earlier run is not this run's result
+        ran = run_cli(python_for(profile), args, timeout, log)
     if ran.rc is None:
         return Row(model.name, profile, "timeout", f"no result after {timeout:.0f} s", wall_s=round(ran.seconds, 1))
     outcome = OUTCOMES.get(ran.rc, f"crashed (exit {ran.rc})")
@@ -206,6 +232,7 @@ def create_row(model: BenchModel, profile: str, out: Path, refusal: Row, logs: P
     from edged.bundle import open_bundle
 
     name = f"{model.name}-{profile}"
+    shutil.rmtree(out / name, ignore_errors=True)
     args = ["bundle", "create", str(model.path), "--hw-profile", profile, "--name", name, "-o", str(out),
             "--samples", str(model.holdout)]
     ran = run_cli(sys.executable, args, CREATE_TIMEOUT_S, logs / f"{name}.create.log")
@@ -265,15 +292,17 @@ def measure_over_http(model: BenchModel, rows: list[Row], bundles: Path, work: P
 
 
 def run_model(model: BenchModel, profiles: list[str], timeout: float, work: Path,
-              say: Callable[[str], None]) -> list[Row]:
+              say: Callable[[str], None], resume: bool = False) -> list[Row]:
     """Every profile's row for one model, measured over HTTP."""
     prepare_data(model, work)
     bundles, logs = work / "bundles" / model.name, work / "logs"
-    shutil.rmtree(bundles, ignore_errors=True)  # a bundle from an earlier run is not this run's result
+    for stale in bundles.glob("*") if bundles.is_dir() else []:
+        if stale.name.removeprefix(f"{model.name}-") not in profiles:  # not this run's: not served
+            shutil.rmtree(stale, ignore_errors=True)
     rows = []
     for profile in profiles:
         say(f"{model.name} on {profile}: edged convert ...")
-        row = convert_row(model, profile, bundles, timeout, logs)
+        row = convert_row(model, profile, bundles, timeout, logs, resume)
         if row.outcome == "refused" and "already" in row.detail and "edged bundle create" in row.detail:
             say(f"{model.name} on {profile}: convert refused ({row.detail[:80]}...); edged bundle create ...")
             row = create_row(model, profile, bundles, row, logs)
@@ -290,16 +319,17 @@ def run_model(model: BenchModel, profiles: list[str], timeout: float, work: Path
 
 def run_all_rows(names: list[str] | None = None, profiles: list[str] | None = None,
                  timeout: float = CONVERT_TIMEOUT_S, work: Path = WORK,
-                 rows_file: Path | None = None) -> list[Row]:
+                 rows_file: Path | None = None, resume: bool = False) -> list[Row]:
     """Every model x profile; each finished model's rows appended to ``rows_file`` (JSON lines)."""
     def say(text: str) -> None:
         print(f"  [{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
+    work = work.resolve()  # the daemon runs in its own directory
     work.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     for model in bench_models(names):
         try:
-            got = run_model(model, list(profiles or PROFILES), timeout, work, say)
+            got = run_model(model, list(profiles or PROFILES), timeout, work, say, resume)
         except Exception as exc:  # one model's trouble (data, daemon) leaves the others measured
             say(f"{model.name}: benchmark error {type(exc).__name__}: {exc}")
             got = [Row(model.name, p, "bench error", f"{type(exc).__name__}: {str(exc)[:200]}")
