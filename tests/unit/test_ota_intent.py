@@ -145,3 +145,41 @@ def test_canonical_form_ignores_key_order_and_the_intent_signature():
     assert a == canonical_bytes({"a": [1.5, "x"], "b": 1}) == b'{"a":[1.5,"x"],"b":1}'
     with pytest.raises(UpdateRefused, match="canonical"):
         canonical_bytes({"a": float("nan")})
+
+
+def test_a_redirect_outside_the_allowed_prefixes_is_refused(tmp_path):
+    """The signed url is under the prefix, but the server redirects elsewhere."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from edged.ota.download import DownloadPolicy, download
+
+    class Redirect(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if self.path.startswith("/releases/"):
+                self.send_response(302)
+                self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}/elsewhere/x")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "3")
+            self.end_headers()
+            self.wfile.write(b"abc")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    prefixes = [base + "/releases/"]
+    try:
+        with pytest.raises(UpdateRefused, match="redirected to .*outside ota.allowed_url_prefixes"):
+            download(base + "/releases/x", tmp_path / "x", 3, DownloadPolicy(1000, retries=0),
+                     url_allowed=lambda url: url_allowed(url, prefixes))
+        # Without prefixes the same redirect is followed.
+        download(base + "/releases/x", tmp_path / "y", 3, DownloadPolicy(1000, retries=0),
+                 url_allowed=lambda url: url_allowed(url, []))
+        assert (tmp_path / "y").read_bytes() == b"abc"
+    finally:
+        server.shutdown()
