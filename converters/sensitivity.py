@@ -42,7 +42,7 @@ class NodeLoss:
 @dataclass
 class Ranking:
     losses: list[NodeLoss]  # worst first
-    output_nodes: list[str] = field(default_factory=list)  # nodes that write the graph's outputs
+    output_nodes: list[str] = field(default_factory=list)  # nodes that write the outputs, and what quantizes their inputs
 
     def float_node_order(self) -> list[str]:
         """Nodes to keep in float, in order: each sensitive node, then the nodes
@@ -55,14 +55,14 @@ class Ranking:
         return order
 
     def reason(self, node: str) -> str:
-        if node in self.output_nodes and not any(loss.node == node for loss in self.losses):
-            return f"{node} writes a model output: int8 there bounds the output's accuracy"
         for loss in self.losses:
             if loss.node == node:
                 return loss.why()
         for loss in self.losses:
             if node in loss.group:
                 return f"quantizes an input of {loss.node}: {loss.why()}"
+        if node in self.output_nodes:
+            return f"{node} writes a model output or quantizes its input: int8 there bounds the output's accuracy"
         return "sensitive node"
 
 
@@ -153,17 +153,19 @@ def rank_nodes(prepared: Path, quantized: Path, samples: Samples, work: Path) ->
     losses.sort(key=lambda loss: -loss.added_noise)
     # An int8 output (a softmax in 1/255 steps) bounds the SQNR whatever
     # happens upstream, and a squashing output hides the noise it adds.
-    outputs = [producer[o.name].name for o in graph.output if o.name in producer]
+    outputs = [name for o in graph.output if o.name in producer
+               for name in _upstream(producer[o.name], producer, consumers, inits, depth=1)]
     return Ranking(losses, list(dict.fromkeys(outputs)))
 
 
-def _upstream(node: Any, producer: dict[str, Any], consumers: dict[str, list[Any]], inits: set[str]) -> list[str]:
+def _upstream(node: Any, producer: dict[str, Any], consumers: dict[str, list[Any]], inits: set[str],
+              depth: int = UPSTREAM_DEPTH) -> list[str]:
     """``node``, then breadth first the nodes that quantize the tensors it
     reads (their producer and other consumers), up to UPSTREAM_DEPTH levels:
     an int8 error that a node amplifies (a Log of a quantized power spectrum)
     is made upstream of it."""
     group, level = [node.name], [node]
-    for _ in range(UPSTREAM_DEPTH):
+    for _ in range(depth):
         following = []
         for current in level:
             for name in current.input:

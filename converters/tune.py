@@ -188,17 +188,37 @@ def _growth(count: int) -> Iterator[int]:
     yield count
 
 
-def _float_sets(ranking: Any | None) -> Iterator[list[str]]:
-    """The nodes to keep in float, step by step: the output nodes alone, then
-    with 1, 2, 4, 8 ... of the ranked nodes, up to all of them."""
+def _grow(tuner: Tuner, ranking: Any | None, build: Any, suffix: str, score: float) -> Any | None:
+    """Keep nodes in float, step by step: the output nodes (and what quantizes
+    their inputs) alone, kept in the later sets only when that helped; then
+    1, 2, 4, 8 ... of the ranked nodes, up to all of them. ``build(nodes)``
+    makes the converter."""
     if ranking is None:
-        return
-    outputs, order = list(ranking.output_nodes), ranking.float_node_order()
-    if outputs:
-        yield outputs
-    rest = [n for n in order if n not in outputs]
-    for count in _growth(len(rest)) if rest else ():
-        yield outputs + rest[:count]
+        return None
+    prefix: list[str] = []
+    sets: list[list[str]] = [list(ranking.output_nodes)] if ranking.output_nodes else []
+    first_output_step = bool(sets)
+    while True:
+        if not sets:
+            rest = [n for n in ranking.float_node_order() if n not in prefix]
+            sets = [prefix + rest[:count] for count in _growth(len(rest))] if rest else []
+            if not sets:
+                return None
+        nodes = sets.pop(0)
+        label = f"{len(nodes)} node(s) in float{suffix}"
+        if not tuner.affordable():
+            tuner.steps.append(Step(f"{label}: skipped, tuning budget spent", nodes, [], False, 0.0))
+            return None
+        attempt = tuner.run(label, build(nodes), nodes)
+        if attempt is not None and attempt.passed:
+            return attempt
+        if first_output_step:
+            first_output_step = False
+            if attempt is not None and margin(attempt.report) > score + 1e-3:
+                prefix = nodes
+            sets = []
+        elif not sets:
+            return None
 
 
 def _onnx_converter(options: Any) -> Any:
@@ -256,16 +276,9 @@ def _tune_onnx(tuner: Tuner) -> tuple[Any | None, Any | None]:
             return attempt, ranking
         if margin(attempt.report) > best_score:
             best, best_score = options, margin(attempt.report)
-    settings = _describe_options(best, base)
-    for nodes in _float_sets(ranking):
-        label = f"{len(nodes)} node(s) in float{settings}"
-        if not tuner.affordable():
-            tuner.steps.append(Step(f"{label}: skipped, tuning budget spent", nodes, [], False, 0.0))
-            break
-        attempt = tuner.run(label, _onnx_converter(dataclasses.replace(best, nodes_to_exclude=tuple(nodes))), nodes)
-        if attempt is not None and attempt.passed:
-            return attempt, ranking
-    return None, ranking
+    found = _grow(tuner, ranking, lambda nodes: _onnx_converter(dataclasses.replace(
+        best, nodes_to_exclude=tuple(nodes))), _describe_options(best, base), best_score)
+    return found, ranking
 
 
 def _describe_options(options: Any, base: Any) -> str:
@@ -289,16 +302,10 @@ def _tune_openvino(tuner: Tuner) -> tuple[Any | None, Any | None]:
         if attempt is not None and attempt.passed:
             return attempt, ranking
         if attempt is not None and margin(attempt.report) > best_score:
-            best_preset = "mixed"
-    for nodes in _float_sets(ranking):
-        label = f"{len(nodes)} node(s) in float (nncf IgnoredScope{', preset mixed' if best_preset else ''})"
-        if not tuner.affordable():
-            tuner.steps.append(Step(f"{label}: skipped, tuning budget spent", nodes, [], False, 0.0))
-            break
-        attempt = tuner.run(label, OpenVinoConverter("int8", preset=best_preset, float_nodes=nodes), nodes)
-        if attempt is not None and attempt.passed:
-            return attempt, ranking
-    return None, ranking
+            best_preset, best_score = "mixed", margin(attempt.report)
+    found = _grow(tuner, ranking, lambda nodes: OpenVinoConverter("int8", preset=best_preset, float_nodes=nodes),
+                  f" (nncf IgnoredScope{', preset mixed' if best_preset else ''})", best_score)
+    return found, ranking
 
 
 def float_precisions(runtime: str) -> list[str]:
