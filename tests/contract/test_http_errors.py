@@ -173,6 +173,44 @@ def test_corrupt_model_not_ready_others_serve(daemon):
     assert status == 503
 
 
+def _tensor(**extra):
+    return {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64, **extra}
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ({"inputs": [_tensor(parameters=5)]}, "input input: 'parameters' must be a JSON object"),
+    ({"inputs": [_tensor(parameters=["binary_data_size"])]}, "input input: 'parameters' must be a JSON object"),
+    ({"inputs": [_tensor()], "parameters": [1]}, "request 'parameters' must be a JSON object"),
+    ({"inputs": [_tensor()], "parameters": "binary_data_output"}, "request 'parameters' must be a JSON object"),
+    ({"inputs": [_tensor()], "outputs": [{"name": "logits", "parameters": "yes"}]}, "output logits: 'parameters' must be a JSON object"),
+    ({"inputs": [_tensor()], "id": {"a": 1}}, "'id' must be a string"),
+    ({"inputs": [{"name": "input", "shape": [0, 2**62], "datatype": "FP32", "data": []}]}, "too large"),
+    ({"inputs": [{"name": "input", "shape": [1] * 70, "datatype": "FP32", "data": [0.5]}]}, "too large"),
+    ({"inputs": [_tensor(parameters={"binary_data_size": True})]}, "binary_data_size is True"),
+])
+def test_malformed_fields_400_not_500(daemon, body, fragment):
+    """Defect 6: a non-object `parameters` at any level, or a shape numpy cannot make,
+    was a 500 carrying Python exception text."""
+    status, reply = daemon.post("/v2/models/digits-onnx/infer", body)
+    check_error(status, reply, 400, fragment)
+    assert reply["code"] == "invalid_input"
+
+
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+def test_deeply_nested_json_400(daemon, depth):
+    """Defect 6: JSON nested 100,000 deep raised RecursionError (500)."""
+    for body in (b'{"inputs":' + b"[" * depth + b"]" * depth + b"}",
+                 b'{"inputs":[' + b'{"a":' * depth + b"1" + b"}" * depth + b"]}"):
+        status, reply = daemon.post("/v2/models/digits-onnx/infer", body)
+        check_error(status, reply, 400)
+        assert "Recursion" not in reply["error"]
+
+
+def test_control_endpoints_refuse_deep_json_with_400(daemon):
+    status, reply = daemon.post("/v2/repository/index", b"[" * 100_000 + b"]" * 100_000)
+    check_error(status, reply, 400, "malformed JSON")
+
+
 def test_daemon_survived_everything(daemon):
     assert daemon.alive()
     status, body = daemon.get("/v2/health/live")
