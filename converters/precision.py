@@ -140,6 +140,10 @@ def choose(session: Any, converter: Any) -> Any:
     first = None
     if "auto_without_int8" not in session.plan.provenance:
         first = _candidate(session, int8_converter, "int8", failures)
+    if first is not None and first.report.get("precision") != "int8":  # quantized nothing: the fp32 candidate
+        failures.append({"label": "int8", "passed": False, "skipped": True,
+                         "error": "; ".join(first.report.get("notes", [])) or "int8 kept the fp32 model"})
+        first = None
     if first is not None:
         built.append(first)
         if not first.passed and session.target.tune_budget_s > 0:
@@ -154,8 +158,10 @@ def choose(session: Any, converter: Any) -> Any:
         failures.append({"label": "fp16", "passed": False, "skipped": True,
                          "error": "not built: ONNX fp16 needs onnxconverter-common (pip install onnxconverter-common)"})
     if not built:
+        reasons = list(dict.fromkeys(f["error"] for f in failures if not f.get("skipped")))
         raise ConversionError(f"{session.profile.name}: auto precision built no candidate: "
-                              + "; ".join(f"{f['label']}: {f['error']}" for f in failures))
+                              + ("; ".join(reasons) if len(reasons) == 1 else
+                                 "; ".join(f"{f['label']}: {f['error']}" for f in failures)))
     options = runtime_options(session.profile, runtime)
     with session.progress.stage(f"{session.profile.name}: timing {len(built)} candidates on {runtime} (interleaved)"):
         timed = time_interleaved({a.label: a.staged for a in built}, session.data.validation, options,
@@ -166,7 +172,7 @@ def choose(session: Any, converter: Any) -> Any:
     rows = [_row(a, timed, fp32) for a in built] + failures
     chosen.report["precision_auto"] = {"candidates": rows, "chosen": chosen.label, "why": why,
                                        "setup": _setup(runtime, options, timed)}
-    _same_runtime(chosen, timed, fp32, runtime, options, auto=True)
+    _same_runtime(chosen, timed, fp32, runtime, options, auto=True, int8=first.label if first else None)
     session.progress.done(f"{session.profile.name}: auto precision: {chosen.label} ({why})")
     if "speed_note" in chosen.report:
         session.progress.note(f"{session.profile.name}: {chosen.report['speed_note']}")
@@ -207,7 +213,7 @@ def _pick(passing: list[Any], timed: dict[str, dict[str, float]], runtime: str) 
 
 
 def _same_runtime(chosen: Any, timed: dict[str, dict[str, float]], fp32: Any | None, runtime: str, options: Any,
-                  auto: bool) -> None:
+                  auto: bool, int8: str | None = None) -> None:
     """``latency_same_runtime`` in the chosen report, and ``speed_note`` when
     int8 (the chosen one, or auto's int8 candidate) is not faster than fp32."""
     report = chosen.report
@@ -218,8 +224,8 @@ def _same_runtime(chosen: Any, timed: dict[str, dict[str, float]], fp32: Any | N
         return
     block["fp32"] = timed[fp32.label]
     block["chosen_vs_fp32"] = round(timed[chosen.label]["p50"] / max(timed[fp32.label]["p50"], 1e-9), 3)
-    int8 = chosen.label if report.get("precision") == "int8" else ("int8" if "int8" in timed else None)
-    if int8 is None:
+    int8 = chosen.label if report.get("precision") == "int8" else int8
+    if int8 is None or int8 not in timed:
         return
     ratio = timed[int8]["p50"] / max(timed[fp32.label]["p50"], 1e-9)
     block["int8_vs_fp32"] = round(ratio, 3)
