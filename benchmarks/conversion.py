@@ -116,7 +116,7 @@ def summary(rows: list[Row]) -> list[str]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    rows = [Row(**r) for r in results["rows"]]
+    rows = _ordered([Row(**r) for r in results["rows"]])
     lines = [
         "## Conversion: the real-model corpus (`edged convert` per profile)",
         "",
@@ -128,8 +128,8 @@ def markdown(results: dict[str, Any]) -> str:
         "requests, the task's gate (`converters.metrics`) computed on the answers against the fp32 source run "
         "directly; stateful VAD models also run a state loop (each `stateN` fed back as the next `state`) over a "
         "clip. **s**: the whole command (the report's first conversion step). **p50 ms**: the report's batch-1 "
-        "latency of the bundle / fp32 on the same runtime (`latency_same_runtime`; * where the report has only "
-        "the fp32 source on onnxruntime: " + _latency_note(rows) + "). **KiB**: fp32 source → bundle model files. "
+        "latency of the bundle / fp32 on the same runtime (the report's `latency_same_runtime`; * where the report "
+        "has only the fp32 source on onnxruntime against the bundle through edged's runtime). **KiB**: fp32 source → bundle model files. "
         f"Each conversion capped at {results.get('timeout_s', CONVERT_TIMEOUT_S):.0f} s.",
         "",
         *summary(rows),
@@ -147,9 +147,11 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _latency_note(rows: list[Row]) -> str:
-    setups = sorted({r.latency_setup for r in rows if r.latency_setup})
-    return "; ".join(setups) if setups else "no report latency"
+def _ordered(rows: list[Row]) -> list[Row]:
+    """By model (in the order first seen), then profile in PROFILES order."""
+    models = list(dict.fromkeys(r.model for r in rows))
+    rank = {p: i for i, p in enumerate(PROFILES)}
+    return sorted(rows, key=lambda r: (models.index(r.model), rank.get(r.profile, len(rank)), r.profile))
 
 
 def main() -> None:
