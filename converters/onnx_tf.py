@@ -5,7 +5,8 @@ LSTM, GRU, SpaceToDepth, Clip with computed bounds, Resize variants.
 onnx2tf, TensorFlow and their pinned dependencies live in their own build venv,
 ``build/tf-venv`` (``make install-tf``; onnx2tf 2.x needs Python >= 3.12), so
 this module only prepares the calibration data and runs
-``converters/onnx_tf_worker.py`` in that venv's Python, with a time limit.
+``converters/onnx_tf_worker.py`` (with ``onnx_tf_patches.py`` and
+``onnx_tf_tflite.py``) in that venv's Python, with a time limit.
 What the worker does: fix the inputs to static shapes, onnx2tf writes a float
 SavedModel (cached per source sha256 under ``build/cache/onnx2tf``), inputs
 and outputs are put back into the ONNX layouts (NCHW stays NCHW) and checked

@@ -41,8 +41,12 @@ from typing import Any
 
 import numpy as np
 
+from onnx_tf_patches import patch_onnx2tf  # noqa: E402 - this folder is sys.path[0] when run as a script
+from onnx_tf_tflite import QuantizeError, inspect_tflite, quantize, rename_io  # noqa: E402
+
 COSINE_FLOAT_MIN = 0.999  # the float SavedModel against onnxruntime
 CHECK_SAMPLES = 2
+CACHE_ENTRIES = 8  # float SavedModels kept under the cache folder (tens of MB each)
 
 
 class StepError(Exception):
@@ -122,6 +126,20 @@ def loads(model: Any) -> bool:
     return True
 
 
+def ort_error(exc: Exception) -> StepError:
+    """onnxruntime refusing the static graph, with the operator and node it names."""
+    text = str(exc)
+    found = re.search(r"implementation for (\w+)\(\d+\) node with name '([^']*)'", text)
+    op_type, node = (found.group(1), found.group(2)) if found else ("", "")
+    if not found and (found := re.search(r"Node \(([^)]*)\) Op \((\w+)\)", text)):
+        node, op_type = found.group(1), found.group(2)
+    if not found and (found := re.search(r"([\w.]+:\w+)\(-?\d+\) is not a registered", text)):
+        op_type = found.group(1)
+    first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", (text.strip().splitlines() or [""])[0])
+    return StepError("prepare", f"onnxruntime cannot run the model with static input shapes: {first[:300]}",
+                     kind="unsupported_op" if op_type else "conversion", op_type=op_type, node=node)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -151,85 +169,6 @@ def onnx_error(log: str, model_path: Path) -> tuple[str, str]:
             b for b in re.findall(r"in build_([a-z0-9_]+?)_op", log)]
         op_type = found[-1] if found else ""
     return op_type, node
-
-
-def patch_onnx2tf() -> None:
-    """onnx2tf 2.6.9's SavedModel exporter passes 4-element dilations to
-    tf.nn.depthwise_conv2d, which takes 2 ([h, w]) and then fails on every
-    depthwise convolution; give its kernel the 2-element form."""
-    try:
-        from onnx2tf.tflite_builder import saved_model_exporter as sme
-    except ImportError:
-        return
-    original = sme._REGISTERED_KERNELS.get("DEPTHWISE_CONV_2D")  # noqa: SLF001
-    if original is None or getattr(original, "_edged_patched", False):
-        return
-    import tensorflow as tf
-
-    depthwise = tf.nn.depthwise_conv2d
-
-    def fixed(executor: Any, op: Any, env: Any) -> None:
-        def call(x: Any, w: Any, strides: Any, padding: Any, dilations: Any = None, **kw: Any) -> Any:
-            if dilations is not None and len(dilations) == 4:
-                dilations = list(dilations)[1:3]
-            return depthwise(x, w, strides=strides, padding=padding, dilations=dilations, **kw)
-
-        tf.nn.depthwise_conv2d = call
-        try:
-            original(executor, op, env)
-        finally:
-            tf.nn.depthwise_conv2d = depthwise
-
-    fixed._edged_patched = True  # type: ignore[attr-defined]
-    sme._REGISTERED_KERNELS["DEPTHWISE_CONV_2D"] = fixed  # noqa: SLF001
-
-    # Recurrent ops (LSTM, GRU) carry their state in TFLite variable tensors without data,
-    # which the exporter leaves unbound; TFLite starts them at zero, so bind zeros.
-    resolve = sme._GraphExecutor._resolve_tensor  # noqa: SLF001
-
-    def resolve_state(self: Any, tensor_name: str, env: dict) -> Any:
-        try:
-            return resolve(self, tensor_name, env)
-        except sme.ModelIRSavedModelExportError:
-            meta = self.model_ir.tensors.get(str(tensor_name))
-            if meta is None or meta.data is not None or not (meta.is_variable or str(tensor_name).endswith(
-                    ("_state", "_zero"))) or any(int(d) < 0 for d in meta.shape):
-                raise
-            env[str(tensor_name)] = tf.zeros([int(d) for d in meta.shape], dtype=sme._tf_dtype_from_tensor_ir(meta))  # noqa: SLF001
-            return env[str(tensor_name)]
-
-    sme._GraphExecutor._resolve_tensor = resolve_state  # noqa: SLF001
-
-    # Its LSTM/GRU/RNN kernels loop with tf.scan, a WHILE op in TFLite, whose int8
-    # calibration crashes; over a static sequence length, unroll the loop instead.
-    scan = tf.scan
-
-    def unrolled_scan(fn: Any, elems: Any, initializer: Any = None, *args: Any, reverse: bool = False, **kw: Any) -> Any:
-        first = tf.nest.flatten(elems)[0]
-        steps = first.shape[0] if first.shape.rank else None
-        if steps is None or initializer is None or reverse or args:
-            return scan(fn, elems, initializer, *args, reverse=reverse, **kw)
-        acc, outs = initializer, []
-        for t in range(int(steps)):
-            acc = fn(acc, tf.nest.map_structure(lambda e: e[t], elems))
-            outs.append(acc)
-        return tf.nest.map_structure(lambda *xs: tf.stack(xs, axis=0), *outs)
-
-    sme.tf.scan = unrolled_scan
-
-    # ARG_MAX/ARG_MIN carry their axis as a 1-element tensor; tf.argmax wants a scalar
-    # (it only notices once shapes are static, as they are after unrolling).
-    def arg_kernel(is_max: bool) -> Any:
-        def kernel(executor: Any, op: Any, env: Any) -> None:
-            x = executor._resolve_tensor(op.inputs[0], env)  # noqa: SLF001
-            axis = tf.reshape(tf.cast(executor._resolve_tensor(op.inputs[1], env), tf.int32), [])  # noqa: SLF001
-            out_type = sme._TF_DTYPE_BY_TFLITE_DTYPE.get(str(op.options.get("outputType", "INT64")).upper(), tf.int64)  # noqa: SLF001
-            y = (tf.argmax if is_max else tf.argmin)(x, axis=axis, output_type=out_type)
-            executor._assign_outputs(op, [y], env)  # noqa: SLF001
-        return kernel
-
-    sme._REGISTERED_KERNELS["ARG_MAX"] = arg_kernel(True)  # noqa: SLF001
-    sme._REGISTERED_KERNELS["ARG_MIN"] = arg_kernel(False)  # noqa: SLF001
 
 
 def error_line(log: str) -> str:
@@ -283,6 +222,14 @@ def run_onnx2tf(prepared: Path, out: Path, backend: str, inputs: list[str], log_
                     op_type=op_type, node=node)
 
 
+def prune_cache(root: Path, keep: int) -> None:
+    """Remove all but the ``keep`` most recently used cache entries."""
+    entries = sorted((p for p in root.iterdir() if p.is_dir() and ".tmp" not in p.name),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def float_saved_model(job: dict[str, Any], prepared: Path, inputs: list[str], log_path: Path,
                       simplified: bool) -> tuple[Path, str, bool]:
     """(SavedModel folder, backend, from cache)."""
@@ -293,6 +240,7 @@ def float_saved_model(job: dict[str, Any], prepared: Path, inputs: list[str], lo
     key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
     cache = Path(job["cache_dir"]) / key if job.get("cache_dir") else None
     if cache is not None and (cache / "saved_model" / "saved_model.pb").is_file():
+        os.utime(cache)  # most recently used: pruned last
         return cache / "saved_model", (cache / "backend").read_text().strip(), True
     errors: list[StepError] = []
     for backend in ("flatbuffer_direct", "tf_converter"):
@@ -315,12 +263,14 @@ def float_saved_model(job: dict[str, Any], prepared: Path, inputs: list[str], lo
             tmp.rename(cache)
         except OSError:  # another run filled it meanwhile
             shutil.rmtree(tmp, ignore_errors=True)
+        prune_cache(cache.parent, keep=CACHE_ENTRIES)
         return cache / "saved_model", backend, False
     blamed = next((e for e in reversed(errors) if e.op_type), errors[-1])
     raise StepError("float", "; ".join(str(e) for e in errors), kind=blamed.kind, op_type=blamed.op_type, node=blamed.node)
 
 
 # ---------------------------------------------------------------- 3. wrap in ONNX layouts
+# (4. quantize and 5. names: onnx_tf_tflite.py)
 def candidate_perms(tf_shape: list[int], onnx_shape: list[int]) -> list[tuple[int, ...] | None]:
     """Transposes that take the SavedModel tensor to the ONNX shape: identity
     first, then channel-last back to channel-first, then any other matching one."""
@@ -422,92 +372,6 @@ def build_wrapper(saved: Path, onnx_inputs: dict[str, list[int]], onnx_outputs: 
                        "output_transposes": {k: v for k, v in out_perm.items() if v}}
 
 
-# ---------------------------------------------------------------- 4. quantize
-def quantize(wrapper: Any, work: Path, samples: list[dict[str, np.ndarray]], names: list[str],
-             per_channel: bool, log_path: Path) -> tuple[bytes, str]:
-    """Full-integer int8 TFLite bytes and the I/O mode ("int8" or "float")."""
-    import tensorflow as tf
-
-    saved = work / "wrapped"
-    shutil.rmtree(saved, ignore_errors=True)
-    tf.saved_model.save(wrapper, str(saved), signatures={"serving_default": wrapper.serve.get_concrete_function()})
-
-    def dataset():
-        for s in samples:
-            yield {f"in_{i}": s[n] for i, n in enumerate(names)}
-
-    errors = []
-    for io in ("int8", "float"):
-        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = dataset
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        if not per_channel:
-            converter._experimental_disable_per_channel = True  # noqa: SLF001 - the converter's only switch
-        if io == "int8":
-            converter.inference_input_type = tf.int8
-            converter.inference_output_type = tf.int8
-        try:
-            return converter.convert(), io
-        except Exception as exc:
-            text = f"{type(exc).__name__}: {exc}"
-            with open(log_path, "a") as f:
-                f.write(f"\n===== TFLiteConverter io={io}\n{text}\n")
-            errors.append(text)
-    text = errors[-1]
-    ops = re.findall(r"'tfl\.([a-z_0-9]+)'", text) or re.findall(r"'tf\.([A-Za-z0-9_]+)'", text)
-    first = next((ln for ln in text.splitlines() if "error" in ln.lower()), text.splitlines()[0] if text else "")
-    raise StepError("quantize", f"TFLite int8 quantization failed: {first[:400]}",
-                    kind="unsupported_op" if ops else "conversion", op_type=("tfl." + ops[0]) if ops else "")
-
-
-# ---------------------------------------------------------------- 5. names
-def rename_io(model_bytes: bytes, in_names: list[str], out_names: list[str]) -> bytes:
-    """Give the TFLite inputs/outputs the ONNX names and order, via the signature's in_i/out_i keys."""
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
-    sub = model.subgraphs[0]
-    sig = model.signatureDefs[0]
-    by_key = {m.name.decode() if isinstance(m.name, bytes) else m.name: m for m in list(sig.inputs) + list(sig.outputs)}
-    order_in, order_out = [], []
-    for prefix, names, order in (("in", in_names, order_in), ("out", out_names, order_out)):
-        for i, name in enumerate(names):
-            tm = by_key[f"{prefix}_{i}"]
-            sub.tensors[tm.tensorIndex].name = name.encode()
-            tm.name = name.encode()
-            order.append(tm.tensorIndex)
-    sub.inputs = np.asarray(order_in, dtype=np.int32)
-    sub.outputs = np.asarray(order_out, dtype=np.int32)
-    sig.inputs = [next(m for m in sig.inputs if m.tensorIndex == t) for t in order_in]
-    sig.outputs = [next(m for m in sig.outputs if m.tensorIndex == t) for t in order_out]
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-
-
-def inspect_tflite(path: Path) -> dict[str, Any]:
-    """Ops, I/O and which ops still compute in float (the converter keeps an op
-    in float, between DEQUANTIZE and QUANTIZE, when it has no int8 kernel)."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    interp = Interpreter(model_path=str(path),
-                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    interp.allocate_tensors()
-    tensors = {d["index"]: d for d in interp.get_tensor_details()}
-    op_details = interp._get_ops_details()  # noqa: SLF001 - the only op listing
-    float_ops = sorted({op["op_name"] for op in op_details if op["op_name"] != "DEQUANTIZE" and any(
-        i in tensors and np.dtype(tensors[i]["dtype"]) == np.float32 for i in op["outputs"])})
-
-    def io(d: dict) -> dict:
-        scale, zero = d["quantization"]
-        return {"name": d["name"], "shape": [int(x) for x in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
-                "scale": float(scale), "zero_point": int(zero)}
-
-    return {"ops": sorted({op["op_name"] for op in op_details}), "float_ops": float_ops,
-            "float_tensors": sum(1 for d in tensors.values() if np.dtype(d["dtype"]) == np.float32),
-            "int8_tensors": sum(1 for d in tensors.values() if np.dtype(d["dtype"]) == np.int8),
-            "inputs": [io(d) for d in interp.get_input_details()], "outputs": [io(d) for d in interp.get_output_details()]}
-
-
 # ---------------------------------------------------------------- main
 def run(job: dict[str, Any]) -> dict[str, Any]:
     import onnxruntime as ort
@@ -528,7 +392,10 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     info = prepare(Path(job["source"]), job["shapes"], prepared)
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    session = ort.InferenceSession(str(prepared), so, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(prepared), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # the reference for every check: name the node onnxruntime refused
+        raise ort_error(exc) from None
     out_names = [o.name for o in session.get_outputs()]
     check = samples[:CHECK_SAMPLES]
     reference = [dict(zip(out_names, session.run(out_names, s))) for s in check]
@@ -547,7 +414,11 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
 
     step("quantize")
     t = time.monotonic()
-    model_bytes, io_mode = quantize(wrapper, work, samples, names, bool(job.get("per_channel", True)), log_path)
+    try:
+        model_bytes, io_mode = quantize(wrapper, work, samples, names, bool(job.get("per_channel", True)), log_path)
+    except QuantizeError as exc:
+        raise StepError("quantize", str(exc), kind="unsupported_op" if exc.op_type else "conversion",
+                        op_type=exc.op_type) from None
     timings["quantize"] = time.monotonic() - t
 
     step("names")

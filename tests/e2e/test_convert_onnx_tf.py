@@ -157,3 +157,20 @@ def test_bad_calibration_is_named(tmp_path):
         onnx_tf.convert(source, {"x": np.zeros((4, 3, 16, 16), np.float32)}, tmp_path / "w")
     with pytest.raises(ConversionError, match="no array for input 'x'"):
         onnx_tf.convert(source, {"image": np.zeros((4, 3, 32, 32), np.float32)}, tmp_path / "w")
+
+
+def test_unsupported_operator_is_named(tmp_path):
+    need_venv()
+    import onnx
+    from onnx import TensorProto, helper
+
+    from converters.base import UnsupportedOp
+
+    graph = helper.make_graph([helper.make_node("FancyOp", ["x"], ["y"], domain="com.example")], "custom",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "custom.onnx"))
+    with pytest.raises(UnsupportedOp, match=r"operator com\.example:FancyOp.*edged bundle create"):
+        onnx_tf.convert(tmp_path / "custom.onnx", {"x": np.ones((4, 4), np.float32)}, tmp_path / "w")
