@@ -24,7 +24,7 @@ from converters.report import LATENCY_RUNS
 
 TASK_NAMES = [t for t in TASKS if t != "auto"]
 PRECISION_NAMES = ("int8", "fp16", "fp32", "auto")
-DEFAULT_TUNE_BUDGET_S = 300.0
+DEFAULT_TUNE_BUDGET_S = 300
 
 
 class ConsoleProgress:
@@ -92,7 +92,7 @@ def convert(
     precision: Optional[str] = typer.Option(
         None, "--precision", help="int8, fp16, fp32 or auto (overrides the profile's). auto builds int8, int8 with "
         "float layers, fp16 and fp32, times them on the target runtime and keeps the fastest that passes the gate."),
-    tune_budget_s: float = typer.Option(
+    tune_budget_s: int = typer.Option(
         DEFAULT_TUNE_BUDGET_S, "--tune-budget-s", min=0,
         help="Seconds to spend when int8 misses the gate: other calibration settings, then the most sensitive "
         "layers kept in float; when nothing passes, fp16 or fp32 on the same runtime. 0: no tuning."),
