@@ -97,7 +97,9 @@ def prepare(source: Path, shapes: dict[str, list[int]], dest: Path) -> dict[str,
     try:
         import onnxsim
 
-        model_s, ok = onnxsim.simplify(model)
+        trial = onnx.ModelProto()
+        trial.CopyFrom(model)  # onnxsim may rewrite its argument (in-memory external data)
+        model_s, ok = onnxsim.simplify(trial)
         if ok and loads(model_s):
             model, simplified = model_s, True
         else:
@@ -119,6 +121,7 @@ def loads(model: Any) -> bool:
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # ORT 1.26's optimizers break some static graphs
     try:
         ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception:
@@ -385,13 +388,14 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         calib = {k: data[k] for k in data.files}
     names = list(job["shapes"])
     n = len(calib[names[0]])
-    samples = [{k: calib[k][i] for k in names} for i in range(n)]
+    samples = [{k: np.asarray(calib[k][i]) for k in names} for i in range(n)]
 
     step("prepare")
     prepared = work / "prepared.onnx"
     info = prepare(Path(job["source"]), job["shapes"], prepared)
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # ORT 1.26's optimizers break some static graphs
     try:
         session = ort.InferenceSession(str(prepared), so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # the reference for every check: name the node onnxruntime refused
