@@ -197,11 +197,11 @@ class _Watched(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._timer is not None:
-            seen = self._tail + data[:4096] if len(data) <= 4096 else data
-            if b"\r\n\r\n" in seen or b"\n\n" in seen:
+            seam = self._tail + data[:3]  # a blank line split across two reads
+            if any(end in part for part in (data, seam) for end in (b"\r\n\r\n", b"\n\n")):
                 self._timer.cancel()
                 self._timer = None
-            self._tail = data[-3:]
+            self._tail = (self._tail + data)[-3:]
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:

@@ -67,10 +67,13 @@ def raw_connection(daemon, payload: bytes = b"") -> socket.socket:
     return sock
 
 
-def closed_by_server(sock: socket.socket) -> bool:
-    """Blocks (up to the socket timeout) until the server closes; True when it did."""
+def closed_by_server(sock: socket.socket, deadline: float | None = None) -> bool:
+    """Blocks until the server closes the connection (True) or ``deadline`` (a
+    time.monotonic() value, default WAIT from now) passes (False)."""
+    deadline = time.monotonic() + WAIT if deadline is None else deadline
     try:
         while True:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
             chunk = sock.recv(65536)
             if not chunk:
                 return True
@@ -224,7 +227,8 @@ def test_slowloris_connections_are_closed(tight):
     before = metric(tight, "edged_http_refused_total", 'reason="header_timeout"') or 0
     socks = [raw_connection(tight, b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\n") for _ in range(30)]
     try:
-        assert all(closed_by_server(s) for s in socks)
+        deadline = time.monotonic() + WAIT  # one bound for all of them
+        assert all(closed_by_server(s, deadline) for s in socks)
     finally:
         for sock in socks:
             sock.close()
