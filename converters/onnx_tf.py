@@ -175,15 +175,18 @@ def convert(onnx_path: Path, calibration: dict[str, np.ndarray], work_dir: Path,
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             raise ConversionError(
                 f"{onnx_path.name}: onnx2tf route took longer than {timeout_s:.0f} s (step {_last_step(log_path)!r}); "
                 f"log: {log_path}. {INSTEAD}") from None
+        finally:  # on a timeout or an interrupt, end the worker and whatever it started
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     seconds = time.monotonic() - start
     result_file = work / "result.json"
     if not result_file.is_file():
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+        tail = [ln for ln in log_path.read_text(errors="replace").strip().splitlines()
+                if ln.strip() and not ln.startswith(("I0000", "W0000", "E0000", "WARNING: All log"))][-3:]
         how = f"crashed (signal {-proc.returncode})" if proc.returncode < 0 else f"exited with code {proc.returncode}"
         raise ConversionError(f"{onnx_path.name}: the onnx2tf worker {how} at step "
                               f"{_last_step(log_path)!r} without a result: {' | '.join(tail)[-400:]}. {INSTEAD}")
