@@ -24,7 +24,7 @@ import numpy as np
 from converters.data import Samples, load_samples, random_samples, samples_from_arrays
 from converters.errors import AccuracyGateFailed, BadInput, OutputCollapsed
 from converters.metrics import Task
-from converters.plan import Plan, make_converter, plan_for
+from converters.plan import Plan, make_converter, make_converters, plan_for
 from converters.report import LATENCY_RUNS, build_report, failed_verdicts
 from converters.source import Source, shapes_from_data
 
@@ -215,7 +215,7 @@ def convert_one(source: Source, profile: Any, data: ConversionData, target: Targ
 
             chosen = choose(session, converter)
         else:
-            chosen = session.attempt(converter, plan.precision)
+            chosen = _attempt_routes(session, make_converters(plan, profile, source), plan.precision)
             if not chosen.passed and target.tune_budget_s > 0:
                 from converters.tune import tune
 
@@ -232,6 +232,40 @@ def convert_one(source: Source, profile: Any, data: ConversionData, target: Targ
         return Result(bundle, chosen.report, plan)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _attempt_routes(session: ConversionSession, converters: list[Any], label: str) -> Attempt:
+    """Try each route in turn until one passes the gate; the report names the
+    route used and why the others failed. A route's ConversionError moves on
+    to the next one; the last route's error ends the conversion."""
+    from converters.errors import ConversionError
+
+    tried: list[dict[str, str]] = []
+    best: Attempt | None = None
+    for i, converter in enumerate(converters):
+        try:
+            attempt = session.attempt(converter, label)
+        except ConversionError as exc:
+            tried.append({"route": converter.name, "outcome": f"failed: {exc}"})
+            if i == len(converters) - 1 and best is None:
+                if len(tried) > 1:
+                    raise type(exc)("; ".join(f"{t['route']}: {t['outcome']}" for t in tried)) from None
+                raise
+            session.progress.note(f"{session.profile.name}: route {converter.name} failed; trying the next one")
+            continue
+        verdict = "passed the gate" if attempt.passed else "missed the gate: " + "; ".join(
+            v["text"] for v in attempt.report["gate"]["verdicts"] if not v["passed"]) or "an output collapsed"
+        tried.append({"route": converter.name, "outcome": verdict})
+        best = attempt if best is None or (attempt.passed and not best.passed) else best
+        if attempt.passed:
+            break
+    if best is None:  # unreachable: the loop raised or kept an attempt
+        raise ConversionError("no converter route ran")
+    if len(converters) > 1:
+        best.report["route"] = next(c.name for c, a in zip(converters, session.attempts) if a is best) \
+            if best in session.attempts else converters[0].name
+        best.report["routes_tried"] = tried
+    return best
 
 
 def _gate(report: dict[str, Any], profile_name: str) -> None:

@@ -69,7 +69,8 @@ def plan_for(profile: Any, source: Source) -> Plan:
         plan.provenance["precision_fallback"] = reason
     if runtime == "tflite" and plan.precision != "int8":
         raise Skipped(f"the TFLite writer only produces full-integer int8, profile asks for {plan.precision}")
-    if runtime == "tflite" and (len(source.inputs) != 1 or not source.input.is_float):
+    multi_ok = source.kind == "onnx" and "onnx2tf" in onnx_tflite_routes()  # onnx2tf takes several inputs
+    if runtime == "tflite" and not multi_ok and (len(source.inputs) != 1 or not source.input.is_float):
         raise UnsupportedOp(
             f"{source.original.name}: TFLite conversion takes models with one float input; this one has "
             f"{', '.join(i.describe() for i in source.inputs)}. Use an ONNX profile (e.g. --profile generic-x86), "
@@ -88,41 +89,65 @@ def plan_for(profile: Any, source: Source) -> Plan:
 
 
 def make_converter(plan: Plan, profile: Any, source: Source) -> Any:
-    """The converter object for this plan (``converters.base.Converter``)."""
+    """The first converter for this plan (``converters.base.Converter``)."""
+    return make_converters(plan, profile, source)[0]
+
+
+def make_converters(plan: Plan, profile: Any, source: Source) -> list[Any]:
+    """The converters that can do this plan, the one to try first first:
+    one for most targets, the available routes for ONNX -> TFLite."""
     from converters import get_converter
 
     per_channel = bool(profile.runtime_options("onnx").get("per_channel", True))
     if source.kind == "tf":
         from converters.tflite_keras import KerasTFLiteConverter
 
-        return KerasTFLiteConverter()
+        return [KerasTFLiteConverter()]
     if source.kind == "torch":
         from converters.tflite_torch import TorchTFLiteConverter
 
-        return TorchTFLiteConverter(per_channel=per_channel)
+        return [TorchTFLiteConverter(per_channel=per_channel)]
     if plan.runtime == "tflite":
-        return tflite_converter_for_onnx(source.static_path or source.path, per_channel)
-    return get_converter(plan.runtime, precision=plan.precision)
+        return tflite_routes_for_onnx(source.static_path or source.path, per_channel)
+    return [get_converter(plan.runtime, precision=plan.precision)]
 
 
-def tflite_converter_for_onnx(path: Path, per_channel: bool) -> Any:
+def onnx_tflite_routes() -> list[str]:
+    """The ONNX -> TFLite routes beyond the MLP writer that can run here, faster first."""
+    from converters import onnx_tf
+    from converters.onnx_torch import available as torch_route_available
+
+    return [name for name, ok in (("onnx2tf", onnx_tf.available()), ("onnx2torch", torch_route_available())) if ok]
+
+
+def tflite_routes_for_onnx(path: Path, per_channel: bool) -> list[Any]:
     """The TensorFlow-free writer when the ONNX graph is an MLP it supports;
-    otherwise onnx2torch + litert-torch when the convert-torch extra is there;
-    otherwise the writer's UnsupportedOp, with the extra to install."""
+    otherwise onnx2tf (build/tf-venv) and onnx2torch + litert-torch, those
+    that are installed, in that order; otherwise the writer's UnsupportedOp
+    with what to install."""
     from converters import get_converter
     from converters.base import load_onnx
-    from converters.onnx_torch import available as torch_route_available
     from converters.tflite_int8 import parse_onnx
 
     try:
         parse_onnx(load_onnx(path, "convert-tflite"))
     except UnsupportedOp as exc:
-        if not torch_route_available():
+        routes = onnx_tflite_routes()
+        if not routes:
             raise UnsupportedOp(
-                f"{exc}; ONNX models beyond MLPs (convolutions, pooling, ...) become TFLite through "
-                "onnx2torch and litert-torch: pip install 'edged[convert-torch]'"
+                f"{exc}; ONNX models beyond MLPs (convolutions, recurrences, ...) become TFLite through onnx2tf "
+                "(make install-tf: build/tf-venv) or onnx2torch and litert-torch (pip install "
+                "'edged[convert-torch]')"
             ) from None
-        from converters.tflite_torch import TorchTFLiteConverter
+        converters = []
+        for route in routes:
+            if route == "onnx2tf":
+                from converters.tflite_onnx2tf import OnnxTFConverter
 
-        return TorchTFLiteConverter(per_channel=per_channel)
-    return get_converter("tflite", per_channel=per_channel)
+                converters.append(OnnxTFConverter(per_channel=per_channel))
+            else:
+                from converters.tflite_torch import TorchTFLiteConverter
+
+                converters.append(TorchTFLiteConverter(per_channel=per_channel))
+        return converters
+    return [get_converter("tflite", per_channel=per_channel)]
