@@ -14,6 +14,7 @@ edged-vm ansible_host=127.0.0.1 ansible_port=$SSH_PORT ansible_user=root ansible
 [edged:vars]
 edged_hw_profile=generic-x86
 edged_http_host=0.0.0.0
+edged_http_allow_insecure=true
 edged_pip_extra_args='--no-index --find-links /root/edged/vm/wheels'
 INV
 EXTRA_VARS="{\"edged_bundles\": [\"$PWD/build/demo-bundles/$BUNDLE\"]}"

@@ -123,6 +123,9 @@ load = [$(for b in $BUNDLES; do [[ $b == "$LATE" ]] || printf '"%s", ' "$b"; don
 [http]
 host = \"0.0.0.0\"
 port = 8080
+# A test VM behind qemu's host-only port forward: no TLS or tokens (edged refuses a
+# non-loopback listen without them unless told so).
+allow_insecure = true
 TOML"
 say "venv + wheels installed in the guest"
 step "edged install"
