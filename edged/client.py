@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import ssl
 import urllib.error
 import urllib.request
 from typing import Any
@@ -18,14 +20,24 @@ class ClientError(Exception):
 
 
 class V2Client:
-    def __init__(self, url: str = "http://127.0.0.1:8080", timeout: float = 30.0) -> None:
+    """``token`` (default ``$EDGED_TOKEN``) is sent as a bearer token; ``ca_file``
+    (default ``$EDGED_CA_FILE``) verifies an https daemon with a private CA."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8080", timeout: float = 30.0,
+                 token: str | None = None, ca_file: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.token = token if token is not None else os.environ.get("EDGED_TOKEN") or None
+        ca_file = ca_file if ca_file is not None else os.environ.get("EDGED_CA_FILE") or None
+        self.ssl_context = ssl.create_default_context(cafile=ca_file) if ca_file else None
 
     def _call(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[bytes, dict[str, str]]:
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+        headers = dict(headers or {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self.ssl_context) as resp:
                 return resp.read(), dict(resp.headers)
         except urllib.error.HTTPError as exc:
             payload = exc.read()
