@@ -185,6 +185,20 @@ def test_admin_token_may_control(daemon):
     assert daemon.alive()
 
 
+def test_cli_sends_edged_token(daemon):
+    """`edged models list` reaches a daemon with tokens through $EDGED_TOKEN, and says 401 without it."""
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "edged.cli", "models", "list", "--url", daemon.url]
+    env = {k: v for k, v in os.environ.items() if k != "EDGED_TOKEN"}
+    refused = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode != 0 and "401" in refused.stderr, refused.stdout + refused.stderr
+    listed = subprocess.run(args, capture_output=True, text=True, timeout=120, env={**env, "EDGED_TOKEN": ADMIN_TOKEN})
+    assert listed.returncode == 0 and MODEL in listed.stdout, listed.stdout + listed.stderr
+
+
 def test_unknown_paths_need_a_token(daemon):
     status, body, _ = call(daemon.url, "GET", "/v2/nothing-here")
     assert status == 401 and body["code"] == "unauthorized"
