@@ -164,9 +164,12 @@ class DataPlane:
                 except EdgedError as exc:
                     entry.count(ok=not isinstance(exc, InferenceFailed))  # a bad request is not the model's fault
                     raise
-                except Exception as exc:  # a runtime's own exception type
+                except Exception as exc:  # a runtime's own exception type: its text stays in the log
                     entry.count(ok=False)
-                    raise InferenceFailed(f"model {entry.name} failed: {type(exc).__name__}: {exc}") from None
+                    log.warning("model %s %s failed in %s: %s: %s", entry.name, entry.version, entry.runtime,
+                                type(exc).__name__, exc)
+                    raise InferenceFailed(f"model {entry.name} failed in its runtime ({entry.runtime}); "
+                                          "the daemon's log has the details") from None
                 entry.count(ok=True)
                 elapsed = time.perf_counter() - start
                 entry.note_latency(elapsed)
