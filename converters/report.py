@@ -82,6 +82,7 @@ def build_report(bundle_root: Path, source: Source, samples: Samples, data_name:
             "verdicts": [{**v.__dict__, "text": v.describe()} for v in verdicts],
         },
         "latency_ms": {"source": src_latency, "converted": conv_latency},
+        "source_runner": {"onnx": "onnxruntime", "tf": "TensorFlow", "torch": "PyTorch"}[source.kind],
         "latency_setup": f"batch 1, 1 thread, {runs} runs each after {LATENCY_WARMUP} warm-up, this machine; "
                          f"source on {SOURCE_RUNNERS[source.kind]}, converted through edged's runtime "
                          f"({bundle.manifest.runtime}) incl. input/output (de)quantization",
@@ -138,7 +139,7 @@ def report_tables(report: dict[str, Any], title: str) -> list[Any]:
         )
     figures = Table(title="latency and size")
     figures.add_column("")
-    figures.add_column("source fp32", justify="right")
+    figures.add_column(f"source fp32 ({report.get('source_runner', 'its framework')})", justify="right")
     figures.add_column("converted", justify="right")
     lat, size = report["latency_ms"], report["size_bytes"]
     if "accuracy_source" in report:

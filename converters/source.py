@@ -113,9 +113,14 @@ def inspect_source(path: Path, input_shape_args: list[str], workdir: Path) -> So
         raise BadInput(f"--input-shape {unknown[0]}=...: the model has no input {unknown[0]!r}; "
                        f"its inputs are {', '.join(i.describe() for i in inputs)}")
     source = Source(path, path, None, inputs, [o.name for o in model.graph.output], opset)
-    if input_shapes:  # asked for: every target gets the fixed dims
+    if input_shapes:  # asked for: every target gets the fixed dims, if onnxruntime can still load them
         fix_input_shapes(source, model, input_shapes, workdir)
-        source.path = source.static_path or source.path
+        try:
+            source_session(source.static_path)
+            source.path = source.static_path or source.path
+        except ConversionError as exc:
+            source.notes.append(f"onnxruntime cannot load the model with the fixed dims ({str(exc)[-160:]}); "
+                                "ONNX and OpenVINO targets keep its dynamic dims, TFLite routes get the fixed copy")
     return source
 
 
