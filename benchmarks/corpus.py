@@ -343,9 +343,10 @@ def run_all_rows(names: list[str] | None = None, profiles: list[str] | None = No
 
 
 def load_rows(paths: list[Path]) -> list[Row]:
-    """Rows from .jsonl files; a row whose bundle is still on disk re-reads its report."""
+    """Rows from .jsonl files, a later row of the same model x profile replacing an earlier
+    one (a rerun); a row whose bundle is still on disk re-reads its report."""
     known = set(Row.__dataclass_fields__)
-    rows = []
+    rows: dict[tuple[str, str], Row] = {}
     for path in paths:
         if not path.is_file():
             print(f"note: {path}: no rows yet", file=sys.stderr)
@@ -355,5 +356,5 @@ def load_rows(paths: list[Path]) -> list[Row]:
                 row = Row(**{k: v for k, v in json.loads(line).items() if k in known})
                 if row.bundle and (Path(row.bundle) / "report.json").is_file():
                     _from_report(row, Path(row.bundle))
-                rows.append(row)
-    return rows
+                rows[(row.model, row.profile)] = row
+    return list(rows.values())
