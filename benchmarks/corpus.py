@@ -54,7 +54,7 @@ class BenchModel:
 class Row:
     model: str
     profile: str
-    outcome: str  # written, served as is, refused, gate failed, collapsed, timeout, crashed
+    outcome: str  # written, served as is, refused, gate failed, collapsed, timeout, crashed, bundle create failed
     detail: str = ""  # the error line, or notes
     runtime: str = ""
     precision: str = ""
@@ -239,7 +239,7 @@ def create_row(model: BenchModel, profile: str, out: Path, refusal: Row, logs: P
     wall = round((refusal.wall_s or 0) + ran.seconds, 1)
     if ran.rc != 0:
         why = "timed out" if ran.rc is None else error_line(ran.stderr)
-        return Row(model.name, profile, "refused", f"convert: {refusal.detail}; bundle create: {why}", wall_s=wall)
+        return Row(model.name, profile, "bundle create failed", f"{why} (convert: {refusal.detail})", wall_s=wall)
     bundle = open_bundle(out / name)
     m = bundle.manifest
     notes = [ln.split(":", 1)[1].strip() for ln in ran.stderr.splitlines() if ln.startswith("note:")]
