@@ -101,8 +101,9 @@ def summary(rows: list[Row]) -> list[str]:
     bundles = sum(r.has_bundle for r in rows)
     as_is = sum(r.passes and r.outcome == "served as is" for r in rows)
     refused = [r for r in rows if not r.has_bundle]
-    named = sum(any(k in r.detail for k in ("edged bundle create", "--profile", "--task", "pip install", "make install",
-                                            "--input-shape", "--gate-threshold", "--max-accuracy-drop"))
+    hints = ("edged bundle create", "--profile", "--task", "pip install", "make install", "--input-shape",
+             "--gate-threshold", "--max-accuracy-drop", "--precision")
+    named = sum(r.outcome in ("refused", "gate failed", "collapsed") and any(k in r.detail for k in hints)
                 for r in refused)
     share = passed / pairs if pairs else 0.0
     return [
@@ -110,7 +111,7 @@ def summary(rows: list[Row]) -> list[str]:
         f"its output, measured over HTTP against fp32** (goal ≥ {100 * GOAL:.0f} %: "
         f"{'met' if share >= GOAL else 'not met'}); {as_is} of them served as is (`edged bundle create`). "
         f"{bundles} bundles written, {bundles - passed} of them failing the gate over HTTP. "
-        f"{len(refused)} pairs without a bundle; {named} of those errors name what to do instead "
+        f"{len(refused)} pairs without a bundle; the error of {named} of them names what to do instead "
         "(another profile, `edged bundle create`, a `--task`/threshold, an install).",
     ]
 
