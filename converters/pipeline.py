@@ -22,13 +22,16 @@ from typing import Any, Protocol
 import numpy as np
 
 from converters.data import Samples, load_samples, random_samples, samples_from_arrays
-from converters.errors import AccuracyGateFailed, BadInput, OutputCollapsed
+from converters.errors import AccuracyGateFailed, BadInput, ConversionError, ConverterUnavailable, OutputCollapsed, Skipped
 from converters.metrics import Task
 from converters.plan import Plan, make_converter, make_converters, plan_for
 from converters.report import LATENCY_RUNS, build_report, failed_verdicts
 from converters.source import Source, shapes_from_data
+from edged.errors import EdgedError
 
 DEFAULT_CALIB_SAMPLES = 300
+ALTERNATIVES = ("or convert for another profile (e.g. --profile generic-x86 keeps fp32 when int8 cannot pass), "
+                "or serve the float model as it is with `edged bundle create`")
 
 
 class Progress(Protocol):
@@ -205,33 +208,46 @@ def convert_one(source: Source, profile: Any, data: ConversionData, target: Targ
         plan = plan_for(profile, source)
     for note in plan.notes:
         progress.note(f"{profile.name}: {note}")
-    converter = make_converter(plan, profile, source)
     target.out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.bundle_name}-staging-", dir=target.out_dir))
     try:
         session = ConversionSession(source, profile, data, target, plan, staging, progress)
-        if plan.precision == "auto":
-            from converters.precision import choose
-
-            chosen = choose(session, converter)
-        else:
-            chosen = _attempt_routes(session, make_converters(plan, profile, source), plan.precision)
-            if not chosen.passed and target.tune_budget_s > 0:
-                from converters.tune import tune
-
-                chosen = tune(session, chosen) or chosen
-            if chosen.passed:  # latency against fp32 on the same runtime, whatever the precision
-                from converters.precision import compare_with_fp32
-
-                compare_with_fp32(session, chosen)
-        _gate(chosen.report, profile.name)
-        verdicts = "; ".join(v["text"] for v in chosen.report["gate"]["verdicts"])
-        progress.done(f"{profile.name}: validated ({verdicts})")
-        bundle = _write_final(chosen.staged, target, chosen.report)
-        progress.done(f"{profile.name}: wrote {bundle}")
-        return Result(bundle, chosen.report, plan)
+        return _convert(session, source, profile, target, plan, progress)
+    except (AccuracyGateFailed, BadInput, Skipped, ConverterUnavailable):
+        raise  # these name their own way out
+    except Exception as exc:  # a converter or runtime failure: say what else the user can do
+        text = str(exc) if isinstance(exc, EdgedError) else f"{type(exc).__name__}: {exc}"
+        if "bundle create" in text or "--profile" in text:
+            raise
+        kind = type(exc) if isinstance(exc, ConversionError) else ConversionError
+        raise kind(f"{profile.name}: {text.splitlines()[0][:400] if text else type(exc).__name__}; "
+                   f"instead: {ALTERNATIVES.removeprefix('or ')}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _convert(session: ConversionSession, source: Source, profile: Any, target: Target, plan: Plan,
+             progress: Progress) -> Result:
+    if plan.precision == "auto":
+        from converters.precision import choose
+
+        chosen = choose(session, make_converter(plan, profile, source))
+    else:
+        chosen = _attempt_routes(session, make_converters(plan, profile, source), plan.precision)
+        if not chosen.passed and target.tune_budget_s > 0:
+            from converters.tune import tune
+
+            chosen = tune(session, chosen) or chosen
+        if chosen.passed:  # latency against fp32 on the same runtime, whatever the precision
+            from converters.precision import compare_with_fp32
+
+            compare_with_fp32(session, chosen)
+    _gate(chosen.report, profile.name)
+    verdicts = "; ".join(v["text"] for v in chosen.report["gate"]["verdicts"])
+    progress.done(f"{profile.name}: validated ({verdicts})")
+    bundle = _write_final(chosen.staged, target, chosen.report)
+    progress.done(f"{profile.name}: wrote {bundle}")
+    return Result(bundle, chosen.report, plan)
 
 
 def _attempt_routes(session: ConversionSession, converters: list[Any], label: str) -> Attempt:
@@ -272,13 +288,13 @@ def _gate(report: dict[str, Any], profile_name: str) -> None:
     if report.get("collapsed"):
         raise OutputCollapsed(
             f"{profile_name}: the converted model's output collapsed ({'; '.join(report['collapsed'])}); "
-            "no bundle written. Try another profile or precision, or better calibration data", report)
+            f"no bundle written. Try better calibration data, {ALTERNATIVES}", report)
     failed = failed_verdicts(report)
     if failed:
         hint = ("--max-accuracy-drop" if report["gate"]["metric"] == "top1" else "--gate-threshold") + \
                " (or a --task that fits the outputs)"
-        raise AccuracyGateFailed(f"{profile_name}: the gate failed: {'; '.join(failed)}; no bundle written "
-                                 f"(adjust with {hint})", report)
+        raise AccuracyGateFailed(f"{profile_name}: the gate failed: {'; '.join(failed)}; no bundle written. "
+                                 f"Adjust with {hint}, {ALTERNATIVES}", report)
 
 
 def _write_final(staged: Path, target: Target, report: dict[str, Any]) -> Path:

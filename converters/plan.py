@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from converters.errors import BadInput, ConverterUnavailable, Skipped, UnsupportedOp
+from converters.errors import BadInput, ConversionError, ConverterUnavailable, Skipped, UnsupportedOp
 from converters.source import Source, serve_as_is_hint
 
 STATIC_SHAPE_RUNTIMES = ("tflite", "openvino")
@@ -131,7 +131,7 @@ def tflite_routes_for_onnx(path: Path, per_channel: bool) -> list[Any]:
 
     try:
         parse_onnx(load_onnx(path, "convert-tflite"))
-    except UnsupportedOp as exc:
+    except ConversionError as exc:  # UnsupportedOp, or a graph shape the writer does not take
         routes = onnx_tflite_routes()
         if not routes:
             raise UnsupportedOp(

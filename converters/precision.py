@@ -251,6 +251,7 @@ def compare_with_fp32(session: Any, chosen: Any) -> None:
     if "fp32" not in float_precisions(runtime):
         chosen.report["latency_same_runtime"] = {
             "runtime": runtime, "note": f"no fp32 {runtime} model is built by this route; no same-runtime ratio"}
+        _slower_than_source(session, chosen, runtime)
         return
     fp32 = chosen if chosen.report.get("precision") == "fp32" else None
     if fp32 is None:
@@ -265,3 +266,19 @@ def compare_with_fp32(session: Any, chosen: Any) -> None:
     _same_runtime(chosen, timed, fp32, runtime, options, auto=False)
     if "speed_note" in chosen.report:
         session.progress.note(f"{session.profile.name}: {chosen.report['speed_note']}")
+
+
+def _slower_than_source(session: Any, chosen: Any, runtime: str) -> None:
+    """Without an fp32 model on the same runtime, still say so in one line when
+    the int8 bundle is slower than the fp32 source on its own runtime (from the
+    validation report's batch-1 figures, the only pair measured)."""
+    lat = chosen.report.get("latency_ms", {})
+    source, converted = lat.get("source", {}).get("p50"), lat.get("converted", {}).get("p50")
+    if not source or not converted or converted <= source:
+        return
+    runner = chosen.report.get("source_runner", "its framework")
+    chosen.report["speed_note"] = (
+        f"{chosen.report.get('precision', 'int8')} on {RUNTIME_NAMES.get(runtime, runtime)} is "
+        f"{converted / source:.2f}x slower than the fp32 source on {runner} here (no fp32 {runtime} model "
+        "to compare on the same runtime); time it on the device, or pick an ONNX profile")
+    session.progress.note(f"{session.profile.name}: {chosen.report['speed_note']}")
