@@ -109,8 +109,9 @@ test: system-deps install-test install-torch install-tf-if-possible
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 # Every test but the heavy conversion routes (PyTorch, TensorFlow and onnx2tf, which need
-# their own build venvs): a quick local loop. CI runs the full `make test`.
-HEAVY_TESTS := tests/e2e/test_convert_torch.py tests/e2e/test_convert_tf.py tests/e2e/test_convert_onnx_tf.py
+# their own build venvs, and the real-model corpus): a quick local loop. CI runs `make test`.
+HEAVY_TESTS := tests/e2e/test_convert_torch.py tests/e2e/test_convert_tf.py tests/e2e/test_convert_onnx_tf.py \
+	tests/e2e/test_corpus.py
 test-fast: system-deps install-test
 	$(PY) -m pytest $(addprefix --ignore=,$(HEAVY_TESTS)) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
