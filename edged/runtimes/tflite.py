@@ -55,6 +55,7 @@ class TFLiteRuntime:
         self._in: list[tuple[str, int]] = []
         self._out: list[tuple[str, int]] = []
         self._shapes: dict[int, tuple[int, ...]] = {}
+        self._new_interpreter: Any = None
 
     def load(self, model_path: str, options: RuntimeOptions) -> None:
         interpreter_cls = _interpreter_class()
@@ -62,13 +63,24 @@ class TFLiteRuntime:
         if options.threads > 0:
             kwargs["num_threads"] = options.threads
         interpreter = interpreter_cls(**kwargs)
-        interpreter.allocate_tensors()
+        try:
+            interpreter.allocate_tensors()
+            allocated = True
+        except (RuntimeError, ValueError):
+            # A dynamic input whose placeholder shape the model cannot be prepared for
+            # (e.g. [-1, -1] audio as [1, 1]): allocate at the first real shape instead.
+            if not any(-1 in list(d.get("shape_signature", [])) for d in interpreter.get_input_details()):
+                raise
+            interpreter = interpreter_cls(**kwargs)
+            allocated = False
+        self._new_interpreter = lambda: interpreter_cls(**kwargs)
         self._interpreter = interpreter
         self.inputs = [_spec(d) for d in interpreter.get_input_details()]
         self.outputs = [_spec(d) for d in interpreter.get_output_details()]
         self._in = [(d["name"], int(d["index"])) for d in interpreter.get_input_details()]
         self._out = [(d["name"], int(d["index"])) for d in interpreter.get_output_details()]
-        self._shapes = {int(d["index"]): tuple(int(x) for x in d["shape"]) for d in interpreter.get_input_details()}
+        self._shapes = {int(d["index"]): tuple(int(x) for x in d["shape"]) if allocated else ()
+                        for d in interpreter.get_input_details()}
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
@@ -81,7 +93,7 @@ class TFLiteRuntime:
                     self._shapes[index] = tuple(shape)
                     resized = True
             if resized:
-                interp.allocate_tensors()
+                interp = self._reallocate(interp)
             for name, index in self._in:
                 interp.set_tensor(index, np.ascontiguousarray(inputs[name]))
             try:
@@ -89,6 +101,25 @@ class TFLiteRuntime:
             except (RuntimeError, ValueError) as exc:
                 raise InferenceFailed(f"tflite invoke failed: {exc}") from None
             return {name: interp.get_tensor(index).copy() for name, index in self._out}
+
+    def _reallocate(self, interp: Any) -> Any:
+        """Allocate for the new input shapes. Some models with dynamic inputs
+        cannot be re-prepared once allocated at their placeholder shape (e.g. a
+        [-1, -1] audio input allocated as [1, 1]): then a fresh interpreter is
+        resized before its first allocation."""
+        try:
+            interp.allocate_tensors()
+            return interp
+        except (RuntimeError, ValueError):
+            fresh = self._new_interpreter()
+            for _, index in self._in:
+                fresh.resize_tensor_input(index, list(self._shapes[index]), strict=False)
+            try:
+                fresh.allocate_tensors()
+            except (RuntimeError, ValueError) as exc:
+                raise InferenceFailed(f"tflite cannot run these input shapes: {exc}") from None
+            self._interpreter = fresh
+            return fresh
 
     def unload(self) -> None:
         with self._lock:
