@@ -134,7 +134,10 @@ def onnx_model_inputs(model: Any) -> list[ModelInput]:
 def profile_name(info: BundleInfo, profile: Any) -> str:
     if info.hw_profile:
         return info.hw_profile
-    return getattr(profile, "name", None) or "generic"
+    import platform
+
+    return getattr(profile, "name", None) or ("generic-arm64" if platform.machine() in ("aarch64", "arm64")
+                                              else "generic-x86")
 
 
 def profile_option(profile: Any, runtime: str, key: str, default: Any) -> Any:

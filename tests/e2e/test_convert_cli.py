@@ -22,7 +22,7 @@ INT8_TARGETS = {"tflite", "onnx", "openvino"}
 
 def convert(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*EDGED, "convert", *args, "--latency-runs", "20"],
-                          capture_output=True, text=True, timeout=180, env=env)
+                          capture_output=True, text=True, timeout=1200, env=env)  # a bound only a hang reaches
 
 
 @pytest.fixture(scope="module")

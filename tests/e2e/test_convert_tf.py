@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 KERAS_DEMO = REPO / "build" / "demo-keras"
 
 
-def edged(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def edged(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:  # only a hang reaches it
     return subprocess.run([sys.executable, "-m", "edged.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, timeout=timeout, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin",
                                                           "TF_CPP_MIN_LOG_LEVEL": "2"})

@@ -18,7 +18,7 @@ EDGED = [sys.executable, "-m", "edged.cli"]
 pytest.importorskip("onnxruntime")
 
 
-def convert(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+def convert(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:  # only a hang reaches it
     return subprocess.run([*EDGED, "convert", *args, "--latency-runs", "10"],
                           capture_output=True, text=True, timeout=timeout)
 

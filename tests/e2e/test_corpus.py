@@ -33,7 +33,7 @@ WHAT_TO_DO = re.compile(r"edged bundle create|--profile|--task|--gate-threshold|
                         r"pip install|make install|--input-shape|--precision")
 
 
-def edged(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def edged(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:  # only a hang reaches it
     return subprocess.run([*EDGED, *args], capture_output=True, text=True, timeout=timeout)
 
 
