@@ -258,6 +258,7 @@ def _attempt_routes(session: ConversionSession, converters: list[Any], label: st
 
     tried: list[dict[str, str]] = []
     best: Attempt | None = None
+    best_route = ""
     for i, converter in enumerate(converters):
         try:
             attempt = session.attempt(converter, label)
@@ -269,17 +270,18 @@ def _attempt_routes(session: ConversionSession, converters: list[Any], label: st
                 raise
             session.progress.note(f"{session.profile.name}: route {converter.name} failed; trying the next one")
             continue
-        verdict = "passed the gate" if attempt.passed else "missed the gate: " + "; ".join(
-            v["text"] for v in attempt.report["gate"]["verdicts"] if not v["passed"]) or "an output collapsed"
-        tried.append({"route": converter.name, "outcome": verdict})
-        best = attempt if best is None or (attempt.passed and not best.passed) else best
+        missed = [v["text"] for v in attempt.report["gate"]["verdicts"] if not v["passed"]]
+        missed += attempt.report.get("collapsed", [])
+        tried.append({"route": converter.name,
+                      "outcome": "passed the gate" if attempt.passed else "missed the gate: " + "; ".join(missed)})
+        if best is None or (attempt.passed and not best.passed):
+            best, best_route = attempt, converter.name
         if attempt.passed:
             break
     if best is None:  # unreachable: the loop raised or kept an attempt
         raise ConversionError("no converter route ran")
+    best.report["route"] = best_route
     if len(converters) > 1:
-        best.report["route"] = next(c.name for c, a in zip(converters, session.attempts) if a is best) \
-            if best in session.attempts else converters[0].name
         best.report["routes_tried"] = tried
     return best
 
