@@ -19,7 +19,7 @@ from converters.data import Samples, as_samples
 from edged.bundle import Bundle
 from edged.tensors import Quantization, TensorSpec
 
-LAYOUTS = {2: "NC", 3: "NCW", 4: "NCHW"}
+LAYOUTS = {2: "NC", 3: "NCW", 4: "NCHW", 5: "NCDHW"}
 
 
 class OnnxTFConverter:

@@ -33,10 +33,9 @@ import numpy as np
 from converters.base import BundleInfo, ConversionError, dist_version, finish_bundle, require
 from converters.data import ModelInput, Samples, as_samples
 from edged.bundle import Bundle
-from edged.tensors import Quantization, TensorSpec
+from edged.tensors import TensorSpec
 
 EXTRA = "convert-torch"
-LAYOUTS = {2: "NC", 3: "NCW", 4: "NCHW", 5: "NCDHW"}
 
 
 def is_torch_source(path: Path) -> bool:
@@ -169,20 +168,10 @@ class TorchTFLiteConverter:
 
 
 def _specs(model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Tensor specs as the converted model reports them."""
-    from ai_edge_litert.interpreter import Interpreter
+    """Tensor specs as the converted model reports them (one input)."""
+    from converters.tflite_onnx2tf import tflite_specs
 
-    interp = Interpreter(model_path=str(model_path))
-
-    def spec(detail: dict[str, Any]) -> TensorSpec:
-        scale, zero = detail["quantization"]
-        shape = tuple(int(d) for d in (detail.get("shape_signature") if len(detail.get("shape_signature", [])) else detail["shape"]))
-        return TensorSpec(
-            name=detail["name"], dtype=np.dtype(detail["dtype"]).name, shape=shape, layout=LAYOUTS.get(len(shape), ""),
-            quantization=Quantization(scale=float(scale), zero_point=int(zero)) if scale else None,
-        )
-
-    inputs = interp.get_input_details()
+    inputs, outputs = tflite_specs(model_path)
     if len(inputs) != 1:
         raise ConversionError(f"the converted model has {len(inputs)} inputs, expected 1")
-    return [spec(inputs[0])], [spec(d) for d in interp.get_output_details()]
+    return inputs, outputs

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from edged.cli.common import fail
+
 from edged.errors import EdgedError
 
 if TYPE_CHECKING:
@@ -15,9 +17,7 @@ if TYPE_CHECKING:
 bundle_app = typer.Typer(help="Create, inspect and verify model bundles (directories or .tar.gz).", no_args_is_help=True)
 
 
-def _fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
+_fail = fail
 
 
 @bundle_app.command("inspect")

@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from edged.cli.common import fail
+
 from edged.errors import EdgedError
 
 keys_app = typer.Typer(help="Ed25519 signing keys for OTA bundles.", no_args_is_help=True)
@@ -24,9 +26,7 @@ PREFIX_OPTION = typer.Option("edged", "--topic-prefix", help="Topic prefix (mqtt
 CONFIG_OPTION = typer.Option(None, "--config", "-c", help="Take broker, credentials and prefix from this edged.toml's mqtt section.")
 
 
-def _fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
+_fail = fail
 
 
 def _broker(address: str, prefix: str, config: Optional[Path]):

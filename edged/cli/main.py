@@ -14,6 +14,8 @@ from typing import Optional
 import numpy as np
 import typer
 
+from edged.cli.common import fail
+
 from edged import __version__
 from edged.cli.bundle import bundle_app
 from edged.errors import EdgedError
@@ -56,9 +58,7 @@ app.add_typer(profiles_app, name="profiles")
 URL_OPTION = typer.Option("http://127.0.0.1:8080", "--url", envvar="EDGED_URL", help="Base URL of the daemon.")
 
 
-def _fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
+_fail = fail
 
 
 from edged.cli.install import install, uninstall  # noqa: E402
