@@ -23,6 +23,23 @@ from edged.transports.http import HttpTransport
 log = logging.getLogger(__name__)
 
 
+def trim_heap() -> bool:
+    """Hand freed heap memory back to the OS with glibc's ``malloc_trim``: loading
+    a model reads, parses and copies its file, and malloc keeps what was freed
+    (in every thread's arena) as part of the RSS. False where the C library
+    has no ``malloc_trim`` (musl)."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True
+
+
 class Service(Protocol):
     """Anything started after models load and stopped before they unload."""
 
@@ -76,6 +93,7 @@ class Daemon:
             await asyncio.to_thread(hook)
         self.status(f"loading models from {self.config.models_path}")
         await asyncio.to_thread(self.dataplane.start)
+        trim_heap()
         for service in self.services:
             await service.start()
         ready = [e for e in self.registry.index() if e.ready]
@@ -153,4 +171,5 @@ class Daemon:
                 return
             self.config.load, self.config.versions = fresh.load, fresh.versions
         await asyncio.to_thread(self.registry.load_initial)
+        trim_heap()
         self.status(f"reloaded: {sum(1 for e in self.registry.index() if e.ready)} model version(s) ready")

@@ -1,5 +1,5 @@
 """``python -m edged.cli``."""
 
-from edged.cli.main import app
+from edged.cli import entry
 
-app()
+entry()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import sys
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,41 @@ def port_spec(port: Any) -> TensorSpec:
     return TensorSpec(name=port.get_any_name(), dtype=dtype, shape=shape)
 
 
+# `import openvino` also imports its model-conversion API (openvino.tools.ovc, for
+# openvino.convert_model): the TensorFlow frontend, absl and openvino_telemetry, which
+# starts a thread to send usage data. Serving needs none of it (about 16 MB of RSS).
+_CONVERTER_MODULE = "openvino.tools.ovc"
+
+
+def import_openvino() -> Any:
+    """``openvino`` without its converter loaded. openvino imports the converter
+    inside ``try/except ImportError`` (it is optional), so a ``None`` in
+    ``sys.modules`` skips it; the entry is removed afterwards, and
+    ``openvino.convert_model`` imports the converter on its first call (edged
+    convert may load a bundle before it converts, in the same process)."""
+    loaded = sys.modules.get("openvino")
+    if loaded is not None:
+        return loaded
+    blocked = _CONVERTER_MODULE not in sys.modules
+    if blocked:
+        sys.modules[_CONVERTER_MODULE] = None  # type: ignore[assignment]
+    try:
+        import openvino
+    finally:
+        if blocked and sys.modules.get(_CONVERTER_MODULE, 0) is None:
+            del sys.modules[_CONVERTER_MODULE]
+    if blocked and not hasattr(openvino, "convert_model"):
+        openvino.convert_model = _convert_model
+    return openvino
+
+
+def _convert_model(*args: Any, **kwargs: Any) -> Any:
+    """``openvino.convert_model``, its module imported when first called."""
+    from openvino.tools.ovc import convert_model
+
+    return convert_model(*args, **kwargs)
+
+
 class OpenVinoRuntime:
     """A CompiledModel plus a queue of InferRequests, one per concurrent caller."""
 
@@ -31,8 +67,7 @@ class OpenVinoRuntime:
         self._requests: queue.Queue[Any] = queue.Queue()
 
     def load(self, model_path: str, options: RuntimeOptions) -> None:
-        import openvino as ov
-
+        ov = import_openvino()
         core = ov.Core()
         config: dict[str, Any] = {
             "PERFORMANCE_HINT": str(options.extra.get("performance_hint", "LATENCY")),
