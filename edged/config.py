@@ -9,6 +9,10 @@ Defaults (documented in README.md)::
     threads = 0                    # runtime threads per model, 0 = backend default
     max_concurrency = 2            # concurrent inferences per model version
     max_queue = 64                 # waiting requests per model version before 503
+    [models.<name>]                # per model: dynamic batching (edged.batching), off by default
+    max_batch_size = 0             # 0: off; >= 2: merge concurrent requests up to this many rows
+    preferred_batch_sizes = []     # batch sizes to dispatch at once when reached
+    max_queue_delay_us = 0         # how long a batch waits for more requests
     [http]
     host = "127.0.0.1"
     port = 8080
@@ -110,6 +114,19 @@ class OtaConfig:
 
 
 @dataclass
+class ModelSettings:
+    """Per-model settings from a ``[models.<name>]`` table (Triton's dynamic batching keys)."""
+
+    max_batch_size: int = 0  # 0: no batching; >= 2: merge concurrent requests up to this many rows
+    preferred_batch_sizes: list[int] = field(default_factory=list)  # dispatched at once when reached
+    max_queue_delay_us: int = 0  # how long the first request of a batch waits for more
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch_size >= 2
+
+
+@dataclass
 class Config:
     models_dir: str = "models"
     state_dir: str = ".edged-state"
@@ -121,6 +138,7 @@ class Config:
     warmup_runs: int = 3
     log_level: str = "info"
     runtime_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    models: dict[str, ModelSettings] = field(default_factory=dict)  # [models.<name>] tables
     device_id: str = ""  # "" = this machine's hostname
     http: HttpConfig = field(default_factory=HttpConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -140,6 +158,10 @@ class Config:
         if p.is_absolute() or self.source.startswith("<"):
             return p
         return Path(self.source).parent / p
+
+    def model_settings(self, name: str) -> ModelSettings:
+        """The ``[models.<name>]`` settings of ``name`` (defaults when it has no table)."""
+        return self.models.get(name) or ModelSettings()
 
     @property
     def models_path(self) -> Path:
@@ -194,7 +216,9 @@ def _apply(target: Any, data: Mapping[str, Any], source: str, prefix: str = "") 
         if key not in known:
             raise ConfigError(f"{where} is unknown; known keys: {', '.join(sorted(known))}")
         current = getattr(target, key)
-        if is_dataclass(current):
+        if target.__class__ is Config and key == "models":
+            target.models = _model_tables(value, where)
+        elif is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: expected a [{prefix}{key}] table")
             _apply(current, value, source, f"{prefix}{key}.")
@@ -202,9 +226,34 @@ def _apply(target: Any, data: Mapping[str, Any], source: str, prefix: str = "") 
             setattr(target, key, _coerce(value, current, where))
 
 
+def _model_tables(value: Any, where: str) -> dict[str, ModelSettings]:
+    """``[models.<name>]`` tables -> ModelSettings per model name."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected [models.<name>] tables")
+    known = {f.name for f in fields(ModelSettings)}
+    tables: dict[str, ModelSettings] = {}
+    for name, table in value.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}.{name}: expected a [models.{name}] table")
+        settings = ModelSettings()
+        for key, item in table.items():
+            at = f"{where}.{name}.{key}"
+            if key not in known:
+                raise ConfigError(f"{at} is unknown; known keys: {', '.join(sorted(known))}")
+            if key == "preferred_batch_sizes":
+                items = item.split(",") if isinstance(item, str) else item
+                if not isinstance(items, list):
+                    raise ConfigError(f"{at}: expected a list of integers, got {item!r}")
+                settings.preferred_batch_sizes = [_coerce(v, 0, at) for v in items if str(v).strip()]
+            else:
+                setattr(settings, key, _coerce(item, getattr(settings, key), at))
+        tables[name] = settings
+    return tables
+
+
 def _env_overrides(target: Any, environ: Mapping[str, str], prefix: str = "EDGED_") -> None:
     for f in fields(target):
-        if f.name == "source":
+        if f.name in ("source", "models"):  # [models.<name>] tables come from the file only
             continue
         current = getattr(target, f.name)
         env_name = f"{prefix}{f.name.upper()}"
@@ -247,6 +296,22 @@ def _validate(config: Config) -> None:
     if config.http.max_body_bytes < 1024:
         raise ConfigError(f"{src}: key http.max_body_bytes must be at least 1024")
     _validate_http(config, src)
+    for name, settings in config.models.items():
+        _validate_model(settings, f"{src}: [models.{name}]")
+
+
+def _validate_model(settings: ModelSettings, where: str) -> None:
+    size = settings.max_batch_size
+    if size < 0 or size == 1:
+        raise ConfigError(f"{where} max_batch_size must be 0 (no batching) or at least 2, got {size}")
+    if settings.max_queue_delay_us < 0:
+        raise ConfigError(f"{where} max_queue_delay_us must be 0 or more, got {settings.max_queue_delay_us}")
+    preferred = settings.preferred_batch_sizes
+    if preferred and not settings.batching:
+        raise ConfigError(f"{where} preferred_batch_sizes needs max_batch_size of at least 2")
+    bad = [p for p in preferred if not 1 <= p <= size]
+    if bad:
+        raise ConfigError(f"{where} preferred_batch_sizes must be between 1 and max_batch_size ({size}), got {bad}")
 
 
 def _validate_http(config: Config, src: str) -> None:

@@ -145,6 +145,15 @@ class LoadedModel:
         """The model's inputs have a fixed batch of 1 (e.g. a static-shape export)."""
         return bool(self.inputs) and all(s.shape[:1] == (1,) for s in self.inputs.values())
 
+    def dynamic_batch_problem(self) -> str | None:
+        """Why requests cannot be merged along dim 0 (an input or output whose first
+        dimension is not dynamic), or None when they can."""
+        for kind, specs in (("input", self.inputs), ("output", self.outputs)):
+            for spec in specs.values():
+                if spec.shape[:1] != (-1,):
+                    return f"{kind} {spec.name} has shape {list(spec.shape)}"
+        return None
+
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Validate, quantize float inputs of int8 tensors, run, and dequantize
         outputs unless every quantized input came in its native dtype. A batch-1

@@ -16,6 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Iterator
 
+from edged.batching import BatchMetrics, Batcher
 from edged.bundle import MANIFEST, Bundle, Manifest, is_archive, open_bundle, read_manifest, semver_key
 from edged.config import Config
 from edged.errors import BundleError, EdgedError, ModelNotFound, ModelNotReady, Overloaded
@@ -59,6 +60,8 @@ class ModelEntry:
     model: LoadedModel | None = None
     max_concurrency: int = 2
     max_queue: int = 64
+    # Dynamic batcher when [models.<name>] max_batch_size >= 2; None: one request per runtime call.
+    batcher: Batcher | None = field(default=None, init=False, repr=False)
     _slots: threading.Semaphore = field(init=False, repr=False)
     _pending: int = field(default=0, init=False, repr=False)
     # Served requests and runtime failures of this load (OTA health watch).
@@ -80,6 +83,13 @@ class ModelEntry:
     @property
     def pending(self) -> int:
         return self._pending
+
+    def current_model(self) -> LoadedModel:
+        """The loaded model; ModelNotReady when there is none."""
+        model = self.model
+        if model is None or self.state is not ModelState.READY:
+            raise ModelNotReady(f"model {self.name} version {self.version} is not ready: {self.reason or self.state.value}")
+        return model
 
     def acquire(self) -> tuple[LoadedModel, float]:
         """Take a concurrency slot; returns the model and seconds spent queued."""
@@ -137,6 +147,7 @@ class ModelRegistry:
         # OTA-managed models: {state_dir}/store/{model}/active wins over models_dir.
         self.store_root = config.state_path / "store"
         self._active: dict[str, str] = {}  # model -> version that unversioned requests use
+        self.batch_metrics = BatchMetrics.register(metrics.registry)
 
     # -- repository -------------------------------------------------------
     def _store_actives(self) -> dict[str, Path]:
@@ -310,6 +321,11 @@ class ModelRegistry:
         try:
             bundle: Bundle = open_bundle(entry.source, self._unpack_dir())
             new = LoadedModel.load(bundle, self.options_for(bundle.manifest.runtime), self.config.warmup_runs)
+            try:
+                batcher = self._batcher_for(entry, new)
+            except EdgedError:
+                new.unload()
+                raise
         except EdgedError as exc:
             self._fail(entry, str(exc), keep_serving=previous_state is ModelState.READY)
             return
@@ -317,7 +333,8 @@ class ModelRegistry:
             self._fail(entry, f"{type(exc).__name__}: {exc}", keep_serving=previous_state is ModelState.READY)
             return
         old = entry.model
-        entry.typical_latency_s = new.warm_latency_s
+        entry.typical_latency_s = None if batcher else new.warm_latency_s
+        entry.batcher = batcher
         entry.model, entry.state, entry.reason = new, ModelState.READY, ""
         entry.runtime = new.bundle.manifest.runtime
         if old is not None:
@@ -326,6 +343,23 @@ class ModelRegistry:
         self.metrics.load_time.labels(entry.name, entry.version, entry.runtime).set(new.load_seconds)
         self._publish("loaded", entry)
         log.info("loaded %s %s (%s) in %.3fs", entry.name, entry.version, entry.runtime, new.load_seconds)
+
+    def _batcher_for(self, entry: ModelEntry, model: LoadedModel) -> Batcher | None:
+        """A dynamic batcher when [models.<name>] asks for one; BundleError when the model
+        has no dynamic batch dimension to merge along (as Triton refuses such a load)."""
+        settings = self.config.model_settings(entry.name)
+        if not settings.batching:
+            return None
+        problem = model.dynamic_batch_problem()
+        if problem:
+            raise BundleError(
+                f"max_batch_size = {settings.max_batch_size} in [models.{entry.name}] needs a dynamic batch "
+                f"dimension (-1) first in every input and output, but {problem}; set max_batch_size = 0 "
+                "or export the model with a dynamic batch dimension"
+            )
+        # A batched model never runs on the event loop (typical_latency_s stays None):
+        # its requests wait for each other in worker threads.
+        return Batcher(entry, settings, self.batch_metrics)
 
     @staticmethod
     def _wait_for_gate() -> None:
@@ -355,12 +389,14 @@ class ModelRegistry:
                 entry = self._entries.get(key)
                 if entry is None:
                     entry = self._new_entry(name, version, source, model.bundle.manifest.runtime)
-                    self._entries[key] = entry
+                batcher = self._batcher_for(entry, model)  # BundleError before anything is swapped
+                self._entries[key] = entry
                 previous_model = entry.model
+                entry.batcher = batcher
                 entry.source, entry.runtime = source, model.bundle.manifest.runtime
                 entry.model, entry.state, entry.reason = model, ModelState.READY, ""
                 entry.served = entry.errors = 0
-                entry.typical_latency_s = model.warm_latency_s
+                entry.typical_latency_s = None if batcher else model.warm_latency_s
                 self._active[name] = version
                 others = [e for e in self._entries.values() if e.name == name and e is not entry]
             if previous_model is not None and previous_model is not model:
@@ -395,6 +431,8 @@ class ModelRegistry:
         """Load what ``config.load`` names; failures are recorded, never raised."""
         self.scan()
         names = self.names() if "*" in self.config.load else self.config.load
+        for name in sorted(set(self.config.models) - set(self.names())):
+            log.warning("[models.%s] is configured but there is no bundle named %s", name, name)
         for name in names:
             try:
                 self.load(name)
