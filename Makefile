@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 DEMO := build/demo-bundles
 PYTEST_ARGS ?=
 
-.PHONY: help venv install install-test install-torch install-tf install-tf-if-possible system-deps demo run test test-fast test-unit test-vm test-arm64 bench clean
+.PHONY: help venv install install-test install-torch install-tf install-tf-if-possible system-deps demo run test test-fast test-unit test-vm test-arm64 bench install-peers clean
 
 help:
 	@echo "make run     set up .venv, build the demo bundles, serve them on 127.0.0.1:8080"
@@ -129,7 +129,21 @@ test-vm: demo
 test-arm64: demo
 	PY=$(PY) tests/arm64/test_arm64.sh
 
-bench: system-deps install-test install-torch install-tf-if-possible
+# The peers section of `make bench` (benchmarks/peers.py) serves the same ONNX files through MLServer
+# and a naive FastAPI app, each in its own venv from benchmarks/peer_apps/requirements-*.txt. A venv is
+# rebuilt when its requirements file changes; one that fails to install gets no stamp, and the section
+# then skips that peer with a note instead of failing `make bench`.
+PEERS_DIR := build/peers
+install-peers:
+	@for peer in mlserver fastapi; do \
+	  venv=$(PEERS_DIR)/$$peer-venv; req=benchmarks/peer_apps/requirements-$$peer.txt; \
+	  if [ -f $$venv/.stamp ] && [ $$venv/.stamp -nt $$req ]; then continue; fi; \
+	  echo "creating $$venv"; rm -rf $$venv; \
+	  if $(PYTHON) -m venv $$venv && $$venv/bin/pip install --quiet -r $$req; then touch $$venv/.stamp; \
+	  else echo "note: $$peer did not install into $$venv: make bench skips it in the peers section"; fi; \
+	done
+
+bench: system-deps install-test install-torch install-tf-if-possible install-peers
 	$(PY) -m benchmarks.run
 
 clean:
