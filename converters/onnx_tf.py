@@ -5,14 +5,17 @@ LSTM, GRU, SpaceToDepth, Clip with computed bounds, Resize variants.
 onnx2tf, TensorFlow and their pinned dependencies live in their own build venv,
 ``build/tf-venv`` (``make install-tf``; onnx2tf 2.x needs Python >= 3.12), so
 this module only prepares the calibration data and runs
-``converters/onnx_tf_worker.py`` (with ``onnx_tf_patches.py`` and
-``onnx_tf_tflite.py``) in that venv's Python, with a time limit.
+``converters/onnx_tf_worker.py`` (with ``onnx_tf_patches.py``,
+``onnx_tf_wrap.py`` and ``onnx_tf_tflite.py``) in that venv's Python, with a
+time limit.
 What the worker does: fix the inputs to static shapes, onnx2tf writes a float
 SavedModel (cached per source sha256 under ``build/cache/onnx2tf``), inputs
 and outputs are put back into the ONNX layouts (NCHW stays NCHW) and checked
 against onnxruntime, then TensorFlow's converter quantizes it to int8 kernels
 with int8 inputs and outputs (float I/O only when int8 I/O fails), and the
-TFLite inputs and outputs get the ONNX names in the ONNX order.
+TFLite inputs and outputs get the ONNX names in the ONNX order. On request
+(``precisions``) the same run also writes fp16 and fp32 TFLite twins of the
+wrapped model: the accuracy fallback and the same-runtime fp32 baseline.
 
 Calibration data: ``{input name: array}``; an array of the input's rank holds
 samples along dim 0 (sample i is ``a[i:i+1]``), one of rank + 1 along a new
@@ -82,6 +85,7 @@ class OnnxTFResult:
     calibration_samples: int
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
+    float_tflite: dict[str, Path] = field(default_factory=dict)  # "fp16"/"fp32" twins, when asked for
 
 
 @dataclass
@@ -141,8 +145,11 @@ def calibration_samples(inputs: list[_Input], calibration: dict[str, np.ndarray]
 
 
 def convert(onnx_path: Path, calibration: dict[str, np.ndarray], work_dir: Path, *, per_channel: bool = True,
-            timeout_s: float = 900, max_samples: int = MAX_SAMPLES, cache_dir: Path | None = DEFAULT_CACHE) -> OnnxTFResult:
-    """Run the onnx2tf route; see the module docstring. Raises ConverterUnavailable
+            timeout_s: float = 900, max_samples: int = MAX_SAMPLES, cache_dir: Path | None = DEFAULT_CACHE,
+            precisions: tuple[str, ...] = ("int8",)) -> OnnxTFResult:
+    """Run the onnx2tf route; see the module docstring. ``precisions``: "int8"
+    and/or the float twins "fp16", "fp32" (without "int8", ``tflite`` is the
+    first float one and nothing is quantized). Raises ConverterUnavailable
     (no venv), UnsupportedOp (an operator onnx2tf or the int8 converter cannot
     take, named) or ConversionError (any other step, named)."""
     import time
@@ -160,7 +167,7 @@ def convert(onnx_path: Path, calibration: dict[str, np.ndarray], work_dir: Path,
         "source": str(onnx_path.resolve()), "calibration": str(work / "calib.npz"),
         "shapes": {k: list(v.shape[1:]) for k, v in samples.items()}, "work_dir": str(work),
         "cache_dir": str(cache_dir) if cache_dir else "", "output": str(work / f"{onnx_path.stem}_int8.tflite"),
-        "per_channel": per_channel,
+        "per_channel": per_channel, "precisions": list(precisions),
     }
     (work / "job.json").write_text(json.dumps(job, indent=1))
     (work / "result.json").unlink(missing_ok=True)
@@ -195,7 +202,8 @@ def convert(onnx_path: Path, calibration: dict[str, np.ndarray], work_dir: Path,
         raise _failure(onnx_path, result, work)
     return OnnxTFResult(tflite=Path(result["tflite"]), backend=result["backend"], io=result["io"],
                         cached_float=bool(result["cached_float"]), calibration_samples=int(result["calibration_samples"]),
-                        seconds=seconds, details=result)
+                        seconds=seconds, details=result,
+                        float_tflite={k: Path(v) for k, v in (result.get("float_tflite") or {}).items()})
 
 
 def onnx_to_tflite_int8(onnx_path: Path, calibration: dict[str, np.ndarray], work_dir: Path, *,
@@ -214,6 +222,7 @@ def _last_step(log_path: Path) -> str:
 def _failure(onnx_path: Path, result: dict[str, Any], work: Path) -> ConversionError:
     what = {"prepare": "preparing the ONNX graph", "float": "onnx2tf float conversion",
             "wrap": "matching inputs/outputs to the ONNX layouts", "float-check": "checking the float model",
+            "float-tflite": "writing the float TFLite",
             "quantize": "TFLite int8 quantization", "names": "naming the TFLite inputs/outputs"}.get(
         result.get("step", ""), "the onnx2tf route")
     op = result.get("op_type") or ""

@@ -1,6 +1,7 @@
 """The TFLite side of the onnx2tf route, run inside build/tf-venv by
 ``onnx_tf_worker.py``: int8 quantization of the wrapped SavedModel with
-TensorFlow's converter, the ONNX names and order for the TFLite inputs and
+TensorFlow's converter, its fp16 and fp32 TFLite twins (the accuracy fallback
+and the same-runtime fp32 baseline), the ONNX names and order for the TFLite inputs and
 outputs, and what the result contains."""
 
 from __future__ import annotations
@@ -21,14 +22,32 @@ class QuantizeError(Exception):
         self.op_type = op_type
 
 
-def quantize(wrapper: Any, work: Path, samples: list[dict[str, np.ndarray]], names: list[str],
-             per_channel: bool, log_path: Path) -> tuple[bytes, str]:
-    """Full-integer int8 TFLite bytes and the I/O mode ("int8" or "float")."""
+def save_wrapped(wrapper: Any, work: Path) -> Path:
+    """The wrapped model (ONNX layouts, in_i/out_i signature) as a SavedModel folder."""
     import tensorflow as tf
 
     saved = work / "wrapped"
     shutil.rmtree(saved, ignore_errors=True)
     tf.saved_model.save(wrapper, str(saved), signatures={"serving_default": wrapper.serve.get_concrete_function()})
+    return saved
+
+
+def float_tflite(saved: Path, precision: str) -> bytes:
+    """A float TFLite of the wrapped SavedModel: fp32, or fp16 weights (float
+    I/O; the runtime computes in fp32 after dequantizing the weights)."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+    if precision == "fp16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    return converter.convert()
+
+
+def quantize(saved: Path, samples: list[dict[str, np.ndarray]], names: list[str],
+             per_channel: bool, log_path: Path) -> tuple[bytes, str]:
+    """Full-integer int8 TFLite bytes of the wrapped SavedModel and the I/O mode ("int8" or "float")."""
+    import tensorflow as tf
 
     def dataset():
         for s in samples:

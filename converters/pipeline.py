@@ -134,6 +134,7 @@ class Attempt:
     label: str  # e.g. "int8", "int8, 3 nodes in float", "fp32"
     staged: Path
     report: dict[str, Any]
+    converter: Any = None  # what built it: its route's float twins (``float_variant``) come from here
 
     @property
     def passed(self) -> bool:
@@ -191,7 +192,7 @@ class ConversionSession:
             self.progress.note(f"{profile.name}: {note}")
         if notes:
             report["notes"] = notes
-        attempt = Attempt(label, dest, report)
+        attempt = Attempt(label, dest, report, converter)
         self.attempts.append(attempt)
         return attempt
 
@@ -237,7 +238,11 @@ def _convert(session: ConversionSession, source: Source, profile: Any, target: T
         if not chosen.passed and target.tune_budget_s > 0:
             from converters.tune import tune
 
-            chosen = tune(session, chosen) or chosen
+            first = chosen
+            chosen = tune(session, first) or first
+            for key in ("route", "routes_tried"):  # a fallback comes from the same route
+                if key in first.report:
+                    chosen.report.setdefault(key, first.report[key])
         if chosen.passed:  # latency against fp32 on the same runtime, whatever the precision
             from converters.precision import compare_with_fp32
 

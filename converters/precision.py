@@ -150,8 +150,8 @@ def choose(session: Any, converter: Any) -> Any:
             tuned = tune(session, first, fallback=False)
             if tuned is not None:
                 built.append(tuned)
-    for precision in float_precisions(runtime):
-        attempt = _candidate(session, float_converter(runtime, precision), precision, failures)
+    for precision in float_precisions(runtime, first):
+        attempt = _candidate(session, float_converter(runtime, precision, first), precision, failures)
         if attempt is not None:
             built.append(attempt)
     if runtime == "onnx" and "fp16" not in float_precisions(runtime):
@@ -248,7 +248,7 @@ def compare_with_fp32(session: Any, chosen: Any) -> None:
 
     runtime = session.plan.runtime
     options = runtime_options(session.profile, runtime)
-    if "fp32" not in float_precisions(runtime):
+    if "fp32" not in float_precisions(runtime, chosen):
         chosen.report["latency_same_runtime"] = {
             "runtime": runtime, "note": f"no fp32 {runtime} model is built by this route; no same-runtime ratio"}
         _slower_than_source(session, chosen, runtime)
@@ -256,7 +256,7 @@ def compare_with_fp32(session: Any, chosen: Any) -> None:
     fp32 = chosen if chosen.report.get("precision") == "fp32" else None
     if fp32 is None:
         try:
-            fp32 = _quick(session).attempt(float_converter(runtime, "fp32"), "fp32")
+            fp32 = _quick(session).attempt(float_converter(runtime, "fp32", chosen), "fp32")
         except (ConversionError, ConverterUnavailable) as exc:
             chosen.report["latency_same_runtime"] = {"runtime": runtime, "note": f"fp32 build failed: {exc}"}
             return

@@ -138,8 +138,8 @@ def tune(session: Any, first: Any, fallback: bool = True) -> Any | None:
     elif tuner.runtime == "openvino":
         found, ranking = _tune_openvino(tuner)
     else:
-        tuner.steps.append(Step(f"{tuner.runtime}: no int8 tuning for this route (TFLite routes are tuned "
-                                "elsewhere)", [], [], False, 0.0))
+        tuner.steps.append(Step(f"{tuner.runtime}: no int8 tuning for the TFLite routes; float fallback next",
+                                [], [], False, 0.0, "-"))
     if found is None and fallback:
         found = _fall_back(tuner)
     chosen = found or first
@@ -164,8 +164,14 @@ def _summary(tuner: Tuner, found: Any, float_nodes: list[str]) -> str:
     step = next(s for s in reversed(tuner.steps) if s.passed)
     seconds = time.perf_counter() - tuner.started
     if found.report.get("precision") != "int8":
-        return (f"int8 missed the gate after {len(tuner.steps) - 1} tuning steps; fell back to "
-                f"{found.report.get('precision')} on {tuner.runtime} ({step.step}), which passes")
+        tries = sum(1 for s in tuner.steps[1:] if s.precision == "int8")
+        missed = "; ".join(tuner.steps[0].verdicts) or "missed the gate"
+        passed = "; ".join(_verdict_texts(found.report))
+        found.report["fallback"] = {"from": "int8", "to": found.report.get("precision"), "runtime": tuner.runtime,
+                                    "int8": tuner.steps[0].verdicts, "int8_tuning_steps": tries,
+                                    "fallback": _verdict_texts(found.report)}
+        return (f"int8 missed the gate ({missed}); fell back to {found.report.get('precision')} on "
+                f"{tuner.runtime}, which passes ({passed}); {tries} int8 tuning step(s) before")
     if float_nodes:
         return (f"int8 passes with {len(float_nodes)} node(s) kept in float ({step.step}; "
                 f"{len(tuner.steps) - 1} tuning steps, {seconds:.0f} s)")
@@ -308,24 +314,34 @@ def _tune_openvino(tuner: Tuner) -> tuple[Any | None, Any | None]:
     return found, ranking
 
 
-def float_precisions(runtime: str) -> list[str]:
-    """The float precisions this repository writes for ``runtime``, best first."""
+def float_precisions(runtime: str, attempt: Any | None = None) -> list[str]:
+    """The float precisions this repository writes for ``runtime``, best first.
+    TFLite: those of the route that built ``attempt`` (onnx2tf writes fp16 and
+    fp32 twins of its int8 model; the other TFLite routes write int8 only)."""
     if runtime == "openvino":
         return ["fp16", "fp32"]
     if runtime == "onnx":
         return (["fp16"] if importlib.util.find_spec("onnxconverter_common") else []) + ["fp32"]
+    if runtime == "tflite" and attempt is not None and hasattr(attempt.converter, "float_variant"):
+        from converters.tflite_onnx2tf import FLOAT_PRECISIONS
+
+        return list(FLOAT_PRECISIONS)
     return []
 
 
-def float_converter(runtime: str, precision: str) -> Any:
+def float_converter(runtime: str, precision: str, attempt: Any | None = None) -> Any:
+    """The converter for ``precision`` on ``runtime``; for TFLite, the float
+    twin of the route that built ``attempt``."""
     from converters import get_converter
 
+    if runtime == "tflite" and attempt is not None and hasattr(attempt.converter, "float_variant"):
+        return attempt.converter.float_variant(precision)
     return get_converter(runtime, precision=precision)
 
 
 def _fall_back(tuner: Tuner) -> Any | None:
     """fp16 where the runtime runs it, else fp32 on the same runtime (budget or not)."""
-    precisions = float_precisions(tuner.runtime)
+    precisions = float_precisions(tuner.runtime, tuner.first)
     if not precisions:
         tuner.steps.append(Step(f"fallback: no float writer for {tuner.runtime} here", [], [], False, 0.0, "-"))
         return None
@@ -333,8 +349,8 @@ def _fall_back(tuner: Tuner) -> Any | None:
         tuner.steps.append(Step("fallback fp16: skipped, ONNX fp16 needs onnxconverter-common "
                                 "(pip install onnxconverter-common)", [], [], False, 0.0, "fp16"))
     for precision in precisions:
-        attempt = tuner.run(f"fallback {precision} on {tuner.runtime}", float_converter(tuner.runtime, precision),
-                            [], precision)
+        attempt = tuner.run(f"fallback {precision} on {tuner.runtime}",
+                            float_converter(tuner.runtime, precision, tuner.first), [], precision)
         if attempt is not None and attempt.passed:
             return attempt
     return None
