@@ -1,0 +1,211 @@
+"""Section "batching": dynamic batching off vs on at 16 concurrent clients.
+
+Two daemons run side by side with the same bundles and settings, one with
+``[models.<name>] max_batch_size`` set. Rounds alternate between them (off/on,
+then on/off) so load on the machine hits both alike; the ratio of their req/s is
+the figure. The CNN is built here with random weights: only throughput is measured.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import measure
+from tests.helpers import DEMO_BUNDLES, REPO, start_daemon
+
+CLIENTS = 16
+ROUNDS = 3
+SECONDS = 3.0
+MODELS = {  # model -> (max_batch_size, max_queue_delay_us)
+    "digits-onnx": (16, 500),
+    "cnn224": (16, 2000),
+}
+CNN_SHAPE = (3, 224, 224)
+
+
+def write_cnn_bundle(dest: Path, name: str = "cnn224", seed: int = 0) -> None:
+    """A small 224x224 CNN (3 strided convolutions, global pool, dense) with a
+    dynamic batch dim, random weights, as an onnx bundle."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edged.bundle import Manifest, write_bundle
+    from edged.tensors import TensorSpec
+
+    rng = np.random.RandomState(seed)
+    nodes, weights, channels, previous = [], [], 3, "input"
+    for i, width in enumerate((16, 32, 64)):
+        w = (rng.randn(width, channels, 3, 3) * np.sqrt(2.0 / (9 * channels))).astype(np.float32)
+        weights += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(width, np.float32), f"b{i}")]
+        nodes += [helper.make_node("Conv", [previous, f"w{i}", f"b{i}"], [f"c{i}"], strides=[2, 2], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        channels, previous = width, f"r{i}"
+    weights += [numpy_helper.from_array((rng.randn(channels, 10) * 0.1).astype(np.float32), "fc"),
+                numpy_helper.from_array(np.zeros(10, np.float32), "fcb")]
+    nodes += [helper.make_node("GlobalAveragePool", [previous], ["pooled"]),
+              helper.make_node("Flatten", ["pooled"], ["flat"]),
+              helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"])]
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *CNN_SHAPE])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    source = dest.parent / f".{name}.onnx"
+    onnx.save(model, str(source))
+    manifest = Manifest(name=name, version="1.0.0", runtime="onnx", model_file="model.onnx",
+                        inputs=[TensorSpec("input", "float32", (-1, *CNN_SHAPE), "NCHW")],
+                        outputs=[TensorSpec("logits", "float32", (-1, 10), "NC")])
+    sample = rng.rand(1, *CNN_SHAPE).astype(np.float32)
+    write_bundle(dest, manifest, {"model.onnx": source}, {"input": sample}, {})
+    source.unlink()
+
+
+def models_toml(models: dict[str, tuple[int, int]]) -> str:
+    """[models.<name>] tables turning batching on."""
+    return "".join(f"[models.{name}]\nmax_batch_size = {size}\nmax_queue_delay_us = {delay}\n"
+                   for name, (size, delay) in models.items())
+
+
+def binary_call(port: int, name: str, x: np.ndarray):
+    """One keep-alive http.client connection per client thread, binary tensors."""
+    local = threading.local()
+    head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    body = head + x.tobytes()
+    headers = {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+
+    def call() -> None:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = http.client.HTTPConnection("127.0.0.1", port)
+        conn.request("POST", f"/v2/models/{name}/infer", body, headers)
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status} from {name}")
+
+    return call
+
+
+def _histogram(text: str, metric: str, model: str) -> tuple[float, float]:
+    """(sum, count) of a histogram's series for ``model`` in a /metrics exposition."""
+    values = {}
+    for suffix in ("_sum", "_count"):
+        pattern = rf'^{metric}{suffix}{{[^}}]*model="{re.escape(model)}"[^}}]*}} (\S+)$'
+        values[suffix] = sum(float(m.group(1)) for m in re.finditer(pattern, text, re.M))
+    return values["_sum"], values["_count"]
+
+
+def _metrics(port: int) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    conn.request("GET", "/metrics")
+    return conn.getresponse().read().decode()
+
+
+def _load() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def run(models: dict[str, tuple[int, int]] | None = None, rounds: int = ROUNDS, seconds: float = SECONDS,
+        build_demo: bool = True) -> dict:
+    """Both models, batching off vs on; ``models`` overrides MODELS' settings (and which run)."""
+    settings = models or MODELS
+    if build_demo:
+        subprocess.run([sys.executable, str(REPO / "scripts" / "build_demo.py"), "--out", str(DEMO_BUNDLES)], check=True)
+    results: dict = {"clients": CLIENTS, "rounds": rounds, "seconds": seconds, "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        models = root / "models"
+        models.mkdir()
+        (models / "digits-onnx").symlink_to(DEMO_BUNDLES / "digits-onnx")
+        write_cnn_bundle(models / "cnn224")
+        extra = 'load = ["digits-onnx", "cnn224"]\n'
+        daemons = {"off": start_daemon(root / "off", models, extra),
+                   "on": start_daemon(root / "on", models, extra + models_toml(settings))}
+        try:
+            for name, (size, delay) in settings.items():
+                shape = (1, 1, 8, 8) if name == "digits-onnx" else (1, *CNN_SHAPE)
+                x = np.random.RandomState(0).rand(*shape).astype(np.float32)
+                calls = {mode: binary_call(d.port, name, x) for mode, d in daemons.items()}
+                before = {mode: _metrics(d.port) for mode, d in daemons.items()}
+                timed = []
+                for i in range(rounds):
+                    order = ("off", "on") if i % 2 == 0 else ("on", "off")
+                    row = {"load": _load()}
+                    for mode in order:
+                        row[mode] = measure(calls[mode], seconds=seconds, concurrency=CLIENTS)
+                    timed.append(row)
+                results["models"][name] = _summary(name, size, delay, timed, before["on"], _metrics(daemons["on"].port))
+        finally:
+            for daemon in daemons.values():
+                daemon.stop()
+    return results
+
+
+def _summary(name: str, size: int, delay: int, rounds: list[dict], before: str, after: str) -> dict:
+    """Ratios per round, median ratio, and the batch sizes and run time the daemon saw."""
+    ratios = [r["on"]["rps"] / r["off"]["rps"] for r in rounds]
+    rows_sum, batches = np.subtract(_histogram(after, "edged_batch_size", name), _histogram(before, "edged_batch_size", name))
+    run_sum, runs = np.subtract(_histogram(after, "edged_inference_duration_seconds", name),
+                                _histogram(before, "edged_inference_duration_seconds", name))
+    batch_run_us = run_sum / runs * 1e6 if runs else float("nan")  # per request: the run of its batch
+    p99_on = statistics.median(r["on"]["p99_us"] for r in rounds)
+    p99_off = statistics.median(r["off"]["p99_us"] for r in rounds)
+    return {
+        "max_batch_size": size, "max_queue_delay_us": delay, "rounds": rounds,
+        "ratios": [round(r, 2) for r in ratios], "ratio": round(statistics.median(ratios), 2),
+        "rps_off": statistics.median(r["off"]["rps"] for r in rounds),
+        "rps_on": statistics.median(r["on"]["rps"] for r in rounds),
+        "p99_off_us": p99_off, "p99_on_us": p99_on,
+        "mean_batch_rows": round(rows_sum / batches, 2) if batches else 0.0,
+        "batch_run_us": round(batch_run_us, 1),
+        "p99_added_us": round(p99_on - p99_off, 1),
+        "p99_bound_us": round(delay + batch_run_us, 1),
+    }
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "## batching",
+        "",
+        f"Dynamic batching off vs on: two daemons side by side (same bundles, `threads = 1`, default "
+        f"`max_concurrency`), {results['clients']} client threads with keep-alive binary requests of one "
+        f"row each, {results['rounds']} interleaved rounds of {results['seconds']:g} s (order alternating). "
+        "`cnn224` is a 3-convolution 224×224 CNN built by the benchmark with random weights (only "
+        "throughput is measured). Ratio: median of the per-round req/s ratios.",
+        "",
+        "| model | max_batch_size / max_queue_delay_us | req/s off | req/s on | ratio (rounds) | mean batch rows | "
+        "batch run µs | p99 off / on µs | p99 added vs bound (delay + batch run) µs | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["models"].items():
+        loads = " / ".join(f"{row['load']:.1f}" for row in r["rounds"])
+        lines.append(
+            f"| {name} | {r['max_batch_size']} / {r['max_queue_delay_us']} | {r['rps_off']} | {r['rps_on']} | "
+            f"{r['ratio']}× ({', '.join(map(str, r['ratios']))}) | {r['mean_batch_rows']} | {r['batch_run_us']} | "
+            f"{r['p99_off_us']} / {r['p99_on_us']} | {r['p99_added_us']} vs {r['p99_bound_us']} | {loads} |"
+        )
+    lines += [
+        "",
+        "- Goals at 16 clients: ≥ 2× for digits, ≥ 1.3× for the CNN; p99 bounded by max_queue_delay_us plus one "
+        "batch's run time (batch run: mean over requests of their batch's runtime call, from the daemon's "
+        "`edged_inference_duration_seconds`).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m benchmarks.batching [model=size/delay_us ...]
+    chosen = {a.split("=")[0]: tuple(map(int, a.split("=")[1].split("/"))) for a in sys.argv[1:]}
+    print(markdown(run(chosen or None, build_demo=not chosen)))
