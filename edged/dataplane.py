@@ -44,6 +44,21 @@ class InferenceResponse:
     id: str | None = None
 
 
+@dataclass
+class ModelSeries:
+    """The metric children (one label set) that every inference of a model version touches."""
+
+    queue_depth: Any
+    queue_time: Any
+    latency: Any
+
+    @classmethod
+    def of(cls, metrics: Metrics, name: str, version: str, runtime: str) -> "ModelSeries":
+        return cls(queue_depth=metrics.queue_depth.labels(name, version),
+                   queue_time=metrics.queue_time.labels(name, version),
+                   latency=metrics.latency.labels(name, version, runtime))
+
+
 class DataPlane:
     """Health, metadata, inference and repository control."""
 
@@ -56,6 +71,8 @@ class DataPlane:
         self.ota: Any = None  # edged.ota.updater.Updater when [ota] is enabled
         # Called with (request, response, transport) after each successful inference.
         self.result_listeners: list[Callable[[InferenceRequest, InferenceResponse, str], None]] = []
+        self._request_counters: dict[tuple[str, str, str], Any] = {}
+        self._model_series: dict[tuple[str, str, str], ModelSeries] = {}
 
     # -- lifecycle --------------------------------------------------------
     def start(self) -> None:
@@ -79,9 +96,10 @@ class DataPlane:
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "edged", "version": __version__, "extensions": EXTENSIONS}
 
-    def check_model(self, name: str, version: str | None = None) -> None:
-        """Raise ModelNotFound early, before a transport decodes a large body."""
-        self.registry.get(name, version)
+    def check_model(self, name: str, version: str | None = None) -> ModelEntry:
+        """Raise ModelNotFound early, before a transport decodes a large body; the
+        entry found can be handed to :meth:`infer` so it is not looked up again."""
+        return self.registry.get(name, version)
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
         return self.registry.get(name, version).ready
@@ -110,13 +128,16 @@ class DataPlane:
         return data
 
     # -- inference --------------------------------------------------------
-    def infer(self, request: InferenceRequest, transport: str = "local") -> InferenceResponse:
-        entry: ModelEntry | None = None
+    def infer(self, request: InferenceRequest, transport: str = "local",
+              entry: ModelEntry | None = None) -> InferenceResponse:
+        """Run ``request``; ``entry`` is the model version :meth:`check_model` found for
+        it (looked up here when not given)."""
         version_label = request.version or ""
         try:
-            entry = self.registry.get(request.model, request.version)
+            if entry is None:
+                entry = self.registry.get(request.model, request.version)
             version_label = entry.version
-            self.metrics.requests.labels(request.model, version_label, transport).inc()
+            self._requests(entry.name, version_label, transport).inc()
             try:
                 response = self._run(entry, request)
             except ModelNotReady:
@@ -139,25 +160,43 @@ class DataPlane:
                 log.exception("result listener failed")
         return response
 
-    def runs_inline(self, request: InferenceRequest, max_us: float) -> bool:
+    def runs_inline(self, request: InferenceRequest, max_us: float, entry: ModelEntry | None = None) -> bool:
         """Whether ``request`` is cheap enough to run on the caller's event loop: its
         model version answers in under ``max_us`` on average and the inputs are small.
         A thread hop costs more than such an inference (about 200 us here)."""
         if max_us <= 0:
             return False
-        entry = self.registry.get(request.model, request.version)
+        if entry is None:
+            entry = self.registry.get(request.model, request.version)
         typical = entry.typical_latency_s
         if typical is None or typical * 1e6 > max_us or not entry.ready:
             return False
         return sum(a.nbytes for a in request.inputs.values()) <= INLINE_MAX_BYTES
 
+    def _requests(self, model: str, version: str, transport: str) -> Any:
+        """The request counter's child for these labels, resolved once."""
+        key = (model, version, transport)
+        child = self._request_counters.get(key)
+        if child is None:
+            child = self._request_counters[key] = self.metrics.requests.labels(model, version, transport)
+        return child
+
+    def _series(self, entry: ModelEntry) -> ModelSeries:
+        """The metric children of one model version, resolved once (``labels()``
+        takes a lock and builds a tuple on every call)."""
+        key = (entry.name, entry.version, entry.runtime)
+        series = self._model_series.get(key)
+        if series is None:
+            series = self._model_series[key] = ModelSeries.of(self.metrics, *key)
+        return series
+
     def _run(self, entry: ModelEntry, request: InferenceRequest) -> InferenceResponse:
-        depth = self.metrics.queue_depth.labels(entry.name, entry.version)
-        depth.inc()
+        series = self._series(entry)
+        series.queue_depth.inc()
         try:
             model, waited = entry.acquire()
             try:
-                self.metrics.queue_time.labels(entry.name, entry.version).observe(waited)
+                series.queue_time.observe(waited)
                 start = time.perf_counter()
                 try:
                     outputs = model.infer(request.inputs)
@@ -173,11 +212,11 @@ class DataPlane:
                 entry.count(ok=True)
                 elapsed = time.perf_counter() - start
                 entry.note_latency(elapsed)
-                self.metrics.latency.labels(entry.name, entry.version, entry.runtime).observe(elapsed)
+                series.latency.observe(elapsed)
             finally:
                 entry.release()
         finally:
-            depth.dec()
+            series.queue_depth.dec()
         if request.outputs:
             unknown = [n for n in request.outputs if n not in outputs]
             if unknown:

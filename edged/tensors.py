@@ -27,8 +27,18 @@ V2_TO_NUMPY: dict[str, str] = {
 NUMPY_TO_V2: dict[str, str] = {v: k for k, v in V2_TO_NUMPY.items()}
 
 
+# The same maps keyed by dtype object, built once: ``np.dtype(x).name`` costs
+# microseconds per call, and the request path asks for every tensor.
+_V2_BY_DTYPE: dict[np.dtype, str] = {np.dtype(v): k for k, v in V2_TO_NUMPY.items()}
+_DTYPE_BY_V2: dict[str, np.dtype] = {k: np.dtype(v) for k, v in V2_TO_NUMPY.items()}
+
+
 def v2_datatype(dtype: str | np.dtype) -> str:
     """The V2 datatype name (``FP32``) of a numpy dtype."""
+    try:
+        return _V2_BY_DTYPE[dtype]  # type: ignore[index]
+    except (KeyError, TypeError):
+        pass
     name = np.dtype(dtype).name
     if name not in NUMPY_TO_V2:
         raise InvalidInput(f"dtype {name} has no KServe V2 datatype")
@@ -37,11 +47,12 @@ def v2_datatype(dtype: str | np.dtype) -> str:
 
 def numpy_dtype(datatype: str) -> np.dtype:
     """The numpy dtype of a V2 datatype name, with a clear error."""
-    if datatype not in V2_TO_NUMPY:
+    dtype = _DTYPE_BY_V2.get(datatype) if isinstance(datatype, str) else None
+    if dtype is None:
         raise InvalidInput(
             f"unknown datatype {datatype!r}; expected one of {', '.join(V2_TO_NUMPY)}"
         )
-    return np.dtype(V2_TO_NUMPY[datatype])
+    return dtype
 
 
 @dataclass(frozen=True)

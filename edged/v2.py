@@ -83,11 +83,15 @@ def _object(value: Any, where: str) -> dict[str, Any]:
 
 def _shape(tensor: dict[str, Any], name: str) -> tuple[int, ...]:
     shape = tensor.get("shape")
+    if type(shape) is list and len(shape) <= 32:
+        for d in shape:  # type() and not isinstance(): a JSON true is not a dimension
+            if type(d) is not int or d < 0 or d >= 2**62:
+                break
+        else:
+            return tuple(shape)
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InvalidInput(f"input {name}: 'shape' must be a list of non-negative integers, got {shape!r}")
-    if len(shape) > 32 or any(d >= 2**62 for d in shape):
-        raise InvalidInput(f"input {name}: shape {shape} is too large (at most 32 dims)")
-    return tuple(shape)
+    raise InvalidInput(f"input {name}: shape {shape} is too large (at most 32 dims)")
 
 
 # -- long flat "data" lists: parsed piece by piece -------------------------------------
@@ -153,8 +157,10 @@ def _split_data(raw: bytes, tag: str) -> tuple[bytes, list["_DataText"]]:
 def parse_request_json(raw: bytes) -> dict[str, Any]:
     """A V2 request's JSON object; long flat numeric ``data`` lists come back as
     unparsed bytes (``_DataText``) that :func:`decode_request` reads into numpy."""
+    if len(raw) < FAST_DATA_MIN_BYTES:
+        return parse_json_object(raw)
     tag = f"edged-data-{secrets.token_hex(8)}-"  # a client cannot guess it
-    skeleton, segments = _split_data(raw, tag) if len(raw) >= FAST_DATA_MIN_BYTES else (raw, [])
+    skeleton, segments = _split_data(raw, tag)
     if segments:
         data = parse_json_object(skeleton)
         found = _swap_placeholders(data, segments, tag)

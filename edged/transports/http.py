@@ -17,6 +17,7 @@ from edged.auth import Access, TokenStore, check_access, tls_context
 from edged.config import HttpConfig
 from edged.dataplane import DataPlane
 from edged.errors import EdgedError, InvalidInput, PayloadTooLarge
+from edged.registry import ModelEntry
 from edged.http_limits import (
     ConnectionGate, Hold, InflightBudget, RateLimitFilter, RequestTimeout, effective_max_connections, malloc_trim,
 )
@@ -58,21 +59,16 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return web.Response(body=dumps(data), status=status, content_type="application/json", headers=headers)
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except EdgedError as exc:
+def _error_of(request: web.Request, exc: Exception) -> web.Response:
+    """The JSON answer for an exception a handler raised (never its internals)."""
+    if isinstance(exc, EdgedError):
         return error_response(exc)
-    except web.HTTPRequestEntityTooLarge as exc:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return error_response(PayloadTooLarge(f"request body is over the limit: {exc.text}"))
-    except web.HTTPException as exc:
-        if exc.status >= 400:
-            return _json({"error": exc.reason, "code": "http"}, exc.status)
-        raise
-    except Exception:  # never let a request take the daemon down, nor show its internals
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return _json({"error": "internal error; the daemon's log has the details", "code": "internal"}, 500)
+    if isinstance(exc, web.HTTPException) and exc.status >= 400:
+        return _json({"error": exc.reason, "code": "http"}, exc.status)
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return _json({"error": "internal error; the daemon's log has the details", "code": "internal"}, 500)
 
 
 class HttpTransport:
@@ -98,6 +94,7 @@ class HttpTransport:
                                   registry=registry)
         self.m_inflight = Gauge("edged_http_inflight_bytes", "Bytes held by HTTP requests in flight (bodies, tensors, responses).",
                                 registry=registry)
+        self.m_inflight.set_function(lambda: self.budget.used)  # read at scrape time, not set per request
         self.m_connections = Gauge("edged_http_open_connections", "Open HTTP connections (TLS handshakes included).",
                                    registry=registry)
         self.m_connections.set_function(lambda: len(self.gate.live) if self.gate else 0)
@@ -118,7 +115,7 @@ class HttpTransport:
         self.app = self._build_app()
 
     def _build_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[_errors, self._authorize])
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._guard])
         health = Access.PUBLIC if self.settings.public_health else Access.ANY_TOKEN
 
         def add(method: str, path: str, handler: Handler, access: Access) -> None:
@@ -142,8 +139,21 @@ class HttpTransport:
         return app
 
     @web.middleware
-    async def _authorize(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Checks the bearer token before a byte of the body is read."""
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The one middleware (each layer costs every request): checks the bearer token
+        before a byte of the body is read, and turns errors into JSON answers."""
+        try:
+            if self.tokens is not None:
+                self._authorize(request)
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error_of(request, exc)
+        except Exception as exc:  # never let a request take the daemon down, nor show its internals
+            return _error_of(request, exc)
+
+    def _authorize(self, request: web.Request) -> None:
         access = self._access.get(request.match_info.route, Access.ANY_TOKEN)
         try:
             check_access(self.tokens, access, request.headers.get("Authorization"))
@@ -151,7 +161,6 @@ class HttpTransport:
             self.m_refused.labels(exc.code).inc()
             log.warning("HTTP %s %s refused: %s", request.method, request.path, exc.message)
             raise
-        return await handler(request)
 
     # -- lifecycle --------------------------------------------------------
     async def start(self) -> None:
@@ -284,12 +293,18 @@ class HttpTransport:
             raise PayloadTooLarge(
                 f"request body is {length} bytes; the limit is {self.max_body_bytes} (http.max_body_bytes)"
             )
+        content = request.content
+        if content.is_eof():  # the whole body is here already: no wait, so no timer
+            body = bytearray(content.read_nowait())
+            if len(body) > self.max_body_bytes:
+                raise PayloadTooLarge(f"request body is over the limit of {self.max_body_bytes} bytes (http.max_body_bytes)")
+            return body
         body = bytearray()
         timeout = self.settings.body_timeout_s
         while True:
             try:
                 async with asyncio.timeout(timeout):
-                    chunk = await request.content.readany()
+                    chunk = await content.readany()
             except TimeoutError:
                 self.m_refused.labels("body_timeout").inc()
                 raise RequestTimeout(f"no request body bytes for {timeout:g} s (http.body_timeout_s); "
@@ -300,27 +315,15 @@ class HttpTransport:
                 raise PayloadTooLarge(f"request body is over the limit of {self.max_body_bytes} bytes (http.max_body_bytes)")
             body += chunk
 
-    async def _budgeted(self, request: web.Request, work: Callable[[Hold], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """Run ``work`` holding the request's share of http.max_inflight_bytes (its body
-        first, then its tensors and response as they are made); 503 when it is not there.
-        Memory goes back to the OS once big requests are done."""
-        hold = self.budget.hold(min(request.content_length or self.max_body_bytes, self.max_body_bytes))
-        self.m_inflight.set(self.budget.used)
-        try:
-            return await work(hold)
-        finally:
-            trim = hold.release()
-            self.m_inflight.set(self.budget.used)
-            if trim:
-                asyncio.get_running_loop().run_in_executor(self.executor, self._trim)
-
     def _trim(self) -> None:
         if malloc_trim():
             self.m_trims.inc()
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
+        """The hot path: one model lookup, the body read at once when it has all
+        arrived, small bodies decoded and fast models run on the loop."""
         info = request.match_info
-        self.dataplane.check_model(info["model"], info.get("version"))
+        entry = self.dataplane.check_model(info["model"], info.get("version"))
         header = request.headers.get(HEADER_LENGTH)
         header_length: int | None = None
         if header is not None:
@@ -328,25 +331,35 @@ class HttpTransport:
                 header_length = int(header)
             except ValueError:
                 raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header!r}") from None
-        return await self._budgeted(request, lambda hold: self._infer(request, header_length, hold))
+        # The request's share of http.max_inflight_bytes: its body first, then its
+        # tensors and response as they are made; 503 when it is not there.
+        hold = self.budget.hold(min(request.content_length or self.max_body_bytes, self.max_body_bytes))
+        try:
+            return await self._infer(request, entry, header_length, hold)
+        finally:
+            if hold.release():  # memory goes back to the OS once big requests are done
+                asyncio.get_running_loop().run_in_executor(self.executor, self._trim)
 
-    async def _infer(self, request: web.Request, header_length: int | None, hold: Hold) -> web.Response:
+    async def _infer(self, request: web.Request, entry: ModelEntry, header_length: int | None, hold: Hold) -> web.Response:
         info = request.match_info
         body = await self._read(request)
-        decoded = await self._codec("decode", len(body), decode_request, info["model"], info.get("version"), body,
-                                    header_length, hold.take)
-        self.m_inflight.set(self.budget.used)
-        del body  # the tensors may still point into it (binary data); the rest can go
-        if self.dataplane.runs_inline(decoded.request, self.inline_max_us):
+        args = (info["model"], info.get("version"), body, header_length, hold.take)
+        decoded = decode_request(*args) if len(body) <= OFFLOAD_BYTES else await self._codec(
+            "decode", len(body), decode_request, *args)
+        del body, args  # the tensors may still point into it (binary data); the rest can go
+        dataplane = self.dataplane
+        if dataplane.runs_inline(decoded.request, self.inline_max_us, entry):
             self.m_inline.inc()
-            response = self.dataplane.infer(decoded.request, "http")
+            response = dataplane.infer(decoded.request, "http", entry)
         else:
-            response = await self._offload(self.dataplane.infer, decoded.request, "http")
+            response = await self._offload(dataplane.infer, decoded.request, "http", entry)
         size = response_bytes(response)
         hold.take(size * 4)  # JSON text of numbers takes up to ~4x their binary size
-        self.m_inflight.set(self.budget.used)
-        payload, json_length = await self._codec(
-            "encode", size, encode_response, response, decoded.binary_outputs, decoded.all_binary)
+        if size <= OFFLOAD_BYTES:
+            payload, json_length = encode_response(response, decoded.binary_outputs, decoded.all_binary)
+        else:
+            payload, json_length = await self._codec(
+                "encode", size, encode_response, response, decoded.binary_outputs, decoded.all_binary)
         if json_length is None:
             return web.Response(body=payload, content_type="application/json")
         return web.Response(
