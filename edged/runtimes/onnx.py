@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from edged.errors import InferenceFailed
+from edged.errors import ConfigError, InferenceFailed
 from edged.runtimes import RuntimeOptions
 from edged.tensors import TensorSpec
 
@@ -51,6 +51,13 @@ class OnnxRuntime:
             so.intra_op_num_threads = options.threads
             so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        arena = options.extra.get("cpu_mem_arena", True)
+        if not isinstance(arena, bool):
+            raise ConfigError(f"runtime_options.onnx.cpu_mem_arena must be true or false, got {arena!r}")
+        # The arena keeps the largest intermediate tensors of any run; without it a
+        # CNN's activations go back to malloc after each run (e.g. 119 -> 87 MB RSS
+        # for a 416x416 detector after a few runs), at the cost of allocating per run.
+        so.enable_cpu_mem_arena = arena
         wanted = list(options.extra.get("providers") or ["CPUExecutionProvider"])
         present = set(ort.get_available_providers())
         providers = [p for p in wanted if p in present] or ["CPUExecutionProvider"]
