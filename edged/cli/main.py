@@ -262,6 +262,9 @@ def doctor() -> None:
 from edged.cli.convert import convert as _convert  # noqa: E402  (heavy imports stay lazy inside)
 app.command("convert")(_convert)
 
+from edged.cli.bench import bench as _bench  # noqa: E402  (edged.bench is imported when it runs)
+app.command("bench")(_bench)
+
 from edged.cli.fleet import register as _register_fleet  # noqa: E402
 
 _register_fleet(app, bundle_app)
