@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import queue
 import random
 import socket
@@ -24,87 +23,39 @@ import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from prometheus_client import Counter, Gauge
 
 from edged import __version__
 from edged.config import Config
-from edged.dataplane import DataPlane, InferenceRequest, InferenceResponse
+from edged.dataplane import INLINE_MAX_BYTES, DataPlane, InferenceRequest, InferenceResponse
 from edged.errors import EdgedError, InvalidInput
 from edged.outbox import Outbox
 from edged.registry import ModelEntry
-from edged.tensors import V2_TO_NUMPY, numpy_dtype, v2_datatype
+from edged.tensors import v2_datatype
+from edged.transports.mqtt_codec import (  # noqa: F401 (decode_raw and response_topic_problem are re-exported)
+    JSON_CONTENT_TYPE, RAW_CONTENT_TYPE, decode_raw, reply_properties, response_topic_problem, user_properties,
+)
 from edged.v2 import decode_request, encode_response
 
 log = logging.getLogger(__name__)
 
-RAW_CONTENT_TYPE = "application/x-edged-tensor"
 INFLIGHT = 100  # outbox messages awaiting PUBACK at once
-JSON_CONTENT_TYPE = "application/json"
+Answer = tuple[bytes, str, list[tuple[str, str]]]  # payload, content type, user properties
 
 
-def _user_properties(props: Any) -> dict[str, str]:
-    return dict(getattr(props, "UserProperty", None) or [])
+@dataclass
+class Reply:
+    """Where a request's answer goes: its Response Topic (or the device's result
+    topic) with its Correlation Data; ``problem`` says why the Response Topic was refused."""
 
-
-RAW_KINDS = "biuf"  # numpy kinds a raw tensor may have: bool, signed, unsigned, float
-MAX_DIM = 2**40
-
-
-def _raw_dtype(name: str) -> np.dtype:
-    if name in V2_TO_NUMPY:
-        return numpy_dtype(name)
-    try:
-        dtype = np.dtype(name)
-    except (TypeError, ValueError):
-        raise InvalidInput(f"user property dtype {name!r} is not a V2 datatype (FP32, INT8, ...) or a numeric numpy dtype") from None
-    if dtype.kind not in RAW_KINDS or dtype.itemsize == 0:
-        raise InvalidInput(f"user property dtype {name!r} is not a numeric dtype (bool, int, uint or float)")
-    return dtype
-
-
-def _raw_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(d) for d in text.strip().strip("[]").split(",") if d.strip())
-    except ValueError:
-        raise InvalidInput(f"user property shape {text!r} is not a list of integers") from None
-    if any(d < 0 for d in shape):
-        raise InvalidInput(f"user property shape {text!r} has a negative dimension; a raw tensor's shape is exact")
-    if any(d > MAX_DIM for d in shape):
-        raise InvalidInput(f"user property shape {text!r} has a dimension over {MAX_DIM}")
-    return shape
-
-
-def decode_raw(model: str, payload: bytes, user: dict[str, str]) -> InferenceRequest:
-    """Raw tensor bytes with dtype and shape (and optionally input) in user properties."""
-    if "dtype" not in user or "shape" not in user:
-        raise InvalidInput(f"raw tensor payload ({RAW_CONTENT_TYPE}) needs user properties 'dtype' and 'shape'")
-    dtype = _raw_dtype(user["dtype"])
-    shape = _raw_shape(user["shape"])
-    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
-    if len(payload) != expected:
-        raise InvalidInput(f"raw tensor of shape {list(shape)} {dtype.name} needs {expected} bytes, got {len(payload)}")
-    try:
-        array = np.frombuffer(payload, dtype=dtype).reshape(shape)
-    except (ValueError, OverflowError) as exc:
-        raise InvalidInput(f"raw tensor of shape {list(shape)} {dtype.name} cannot be built: {exc}") from None
-    return InferenceRequest(model=model, inputs={user.get("input", ""): array}, version=user.get("version") or None)
-
-
-def response_topic_problem(topic: str) -> str | None:
-    """Why ``topic`` cannot be published to (None when it can)."""
-    if not topic:
-        return "the Response Topic is empty"
-    if "+" in topic or "#" in topic:
-        return f"the Response Topic {topic!r} contains a wildcard (+ or #); a reply needs a plain topic"
-    if "\0" in topic or len(topic.encode()) > 65535:
-        return "the Response Topic is not a valid topic name"
-    return None
+    topic: str
+    correlation: bytes | None
+    problem: str | None
 
 
 class MqttTransport:
@@ -126,11 +77,15 @@ class MqttTransport:
         self.m_age.set_function(self.outbox.oldest_age)
         self.started = time.time()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="edged-mqtt")
+        # Requests for models that answer within this run on paho's network thread, as
+        # HTTP runs them on its event loop: no hop to a worker and back.
+        self.inline_max_us = config.http.inline_max_us
         # Owned by the drain thread only: paho's network thread just queues PUBACK mids
         # and connect events, so no lock is shared with paho's own message lock.
         self._inflight: dict[int, int] = {}  # paho mid -> outbox id
         self._sent_up_to = 0
         self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._watching = False  # whether paho reports publishes to _on_publish
         self._reset = threading.Event()  # set on (re)connect: resend every unacknowledged row
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -145,6 +100,8 @@ class MqttTransport:
         r = self.dataplane.metrics.registry
         self.m_connected = Gauge("edged_mqtt_connected", "1 while connected to the MQTT broker.", registry=r)
         self.m_reconnects = Counter("edged_mqtt_reconnects", "Connections to the broker after the first.", registry=r)
+        self.m_inline = Counter("edged_mqtt_inline_requests",
+                                "MQTT inferences run on the MQTT network thread (no hop to a worker thread).", registry=r)
         self.m_dropped = Counter("edged_outbox_dropped", "Outbox messages dropped by its size or age bound.", registry=r)
         self.m_depth = Gauge("edged_outbox_depth", "Messages waiting in the outbox.", registry=r)
         self.m_age = Gauge("edged_outbox_oldest_age_seconds", "Age of the oldest message in the outbox.", registry=r)
@@ -167,7 +124,6 @@ class MqttTransport:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        client.on_publish = self._on_publish
         return client
 
     def _jittered_min(self) -> float:
@@ -234,18 +190,33 @@ class MqttTransport:
         log.warning("MQTT disconnected: %s", reason)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        # paho calls this holding its own message lock: never publish or take our locks here.
+        # Set only while outbox rows await their PUBACK (see _watch_acks). paho calls this
+        # holding its own message lock: never publish or take our locks here.
         self._acks.put(mid)
         self._wake.set()
 
+    def _watch_acks(self, on: bool) -> None:
+        """Have paho report publishes only while outbox rows await their PUBACK: it builds
+        a ReasonCode and a Properties object for every publish it reports, each QoS 0
+        reply included. Turned on before the drain thread publishes a row and off once
+        every row it published was acknowledged, so no PUBACK of a row is missed."""
+        if on != self._watching:
+            self._watching = on
+            self.client.on_publish = self._on_publish if on else None
+
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        handler: Callable[[mqtt.MQTTMessage], None] = self._handle_request
         for topic_filter, callback in self.subscriptions.items():
             if mqtt.topic_matches_sub(topic_filter, message.topic):
-                handler = lambda m, cb=callback: self._handle_subscription(cb, m)  # noqa: E731
-                break
+                self._submit(self._handle_subscription, callback, message)
+                return
+        if self.inline_max_us > 0 and len(message.payload) <= INLINE_MAX_BYTES:
+            self._handle_request(message, inline=True)
+        else:
+            self._submit(self._handle_request, message, False)
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
         try:
-            self.executor.submit(handler, message)
+            self.executor.submit(fn, *args)
         except RuntimeError:  # shutting down
             pass
 
@@ -262,63 +233,83 @@ class MqttTransport:
         self._wake.set()
 
     # -- requests -----------------------------------------------------------
-    def _handle_request(self, message: mqtt.MQTTMessage) -> None:
+    def _handle_request(self, message: mqtt.MQTTMessage, inline: bool) -> None:
+        """Decode and answer one request. ``inline``: on paho's network thread, where a
+        request runs to the end only if its model is cheap (DataPlane.runs_inline, the
+        same rule HTTP uses on its event loop); others go on to a worker thread."""
         props = message.properties
         model = message.topic.rsplit("/", 1)[-1]
+        reply = self._reply_to(message, model)
+
+        def work() -> Answer | None:
+            if reply.problem is not None:
+                raise InvalidInput(f"request refused: {reply.problem}")
+            content_type = getattr(props, "ContentType", None) or JSON_CONTENT_TYPE
+            request, raw = self._decode(model, message.payload, content_type, user_properties(props))
+            if inline and not self.dataplane.runs_inline(request, self.inline_max_us):
+                self._submit(self._answer, message.topic, reply, lambda: self._infer(request, raw))
+                return None
+            if inline:
+                self.m_inline.inc()
+            return self._infer(request, raw)
+
+        self._answer(message.topic, reply, work)
+
+    def _reply_to(self, message: mqtt.MQTTMessage, model: str) -> Reply:
         fallback = f"{self.base}/result/{model}"
-        response_topic = getattr(props, "ResponseTopic", None)
-        correlation = getattr(props, "CorrelationData", None)
-        content_type = getattr(props, "ContentType", None) or JSON_CONTENT_TYPE
+        response_topic = getattr(message.properties, "ResponseTopic", None)
+        correlation = getattr(message.properties, "CorrelationData", None)
         problem = response_topic_problem(response_topic) if response_topic is not None else None
+        if problem is not None:
+            log.warning("MQTT request on %s refused: %s; error sent to %s", message.topic, problem, fallback)
+            return Reply(fallback, correlation, problem)
+        return Reply(response_topic or fallback, correlation, None)
+
+    def _answer(self, request_topic: str, reply: Reply, work: Callable[[], Answer | None]) -> None:
+        """Run ``work`` and publish its answer, or its error; None: handed on to a worker."""
         try:
-            if problem is not None:
-                log.warning("MQTT request on %s refused: %s; error sent to %s", message.topic, problem, fallback)
-                response_topic = None
-                raise InvalidInput(f"request refused: {problem}")
-            payload, out_props = self._infer(model, message.payload, content_type, _user_properties(props))
+            answer = work()
+            if answer is None:
+                return
         except EdgedError as exc:
-            payload, out_props = self._error(exc.message, exc.code)
+            answer = self._error(exc.message, exc.code)
         except Exception:  # never let one message kill the loop; no exception text goes out
-            log.exception("MQTT request on %s failed", message.topic)
-            payload, out_props = self._error("internal error (details are in the device's log)", "internal")
-        if correlation is not None:
-            out_props.CorrelationData = correlation
+            log.exception("MQTT request on %s failed", request_topic)
+            answer = self._error("internal error (details are in the device's log)", "internal")
+        payload, content_type, user = answer
         try:
-            self.client.publish(response_topic or fallback, payload, qos=self.cfg.qos, properties=out_props)
+            props = reply_properties(content_type, user, reply.correlation)
+            self.client.publish(reply.topic, payload, qos=self.cfg.qos, properties=props)
         except (ValueError, TypeError) as exc:
-            log.warning("MQTT reply to %s for %s could not be sent: %s", response_topic or fallback, message.topic, exc)
+            log.warning("MQTT reply to %s for %s could not be sent: %s", reply.topic, request_topic, exc)
 
     @staticmethod
-    def _error(message: str, code: str) -> tuple[bytes, Properties]:
-        out_props = Properties(PacketTypes.PUBLISH)
-        out_props.ContentType = JSON_CONTENT_TYPE
-        out_props.UserProperty = [("error_code", code)]
-        return json.dumps({"error": message, "code": code}).encode(), out_props
+    def _error(message: str, code: str) -> Answer:
+        return json.dumps({"error": message, "code": code}).encode(), JSON_CONTENT_TYPE, [("error_code", code)]
 
-    def _infer(self, model: str, payload: bytes, content_type: str, user: dict[str, str]) -> tuple[bytes, Properties]:
-        self.dataplane.check_model(model, user.get("version") or None)
-        props = Properties(PacketTypes.PUBLISH)
-        if content_type == RAW_CONTENT_TYPE:
-            request = decode_raw(model, payload, user)
-            if "" in request.inputs:
-                meta = self.dataplane.model_metadata(model, request.version)
-                names = [t["name"] for t in meta.get("inputs", [])]
-                if len(names) != 1:
-                    raise InvalidInput(f"model {model} has inputs {names}: set user property 'input'")
-                request.inputs = {names[0]: request.inputs[""]}
-            response = self.dataplane.infer(request, "mqtt")
-            name, array = next(iter(response.outputs.items()))
-            props.ContentType = RAW_CONTENT_TYPE
-            props.UserProperty = [
-                ("output", name), ("dtype", v2_datatype(array.dtype)), ("shape", ",".join(map(str, array.shape))),
-                ("model_version", response.version),
-            ]
-            return np.ascontiguousarray(array).tobytes(), props
-        decoded = decode_request(model, user.get("version") or None, payload, None)
-        response = self.dataplane.infer(decoded.request, "mqtt")
-        body, _ = encode_response(response, set(), False)
-        props.ContentType = JSON_CONTENT_TYPE
-        return body, props
+    def _decode(self, model: str, payload: bytes, content_type: str, user: dict[str, str]) -> tuple[InferenceRequest, bool]:
+        """The request and whether it is a raw tensor (else V2 JSON)."""
+        version = user.get("version") or None
+        entry = self.dataplane.registry.get(model, version)  # ModelNotFound before decoding a large body
+        if content_type != RAW_CONTENT_TYPE:
+            return decode_request(model, version, payload, None).request, False
+        request = decode_raw(model, payload, user)
+        if "" in request.inputs:
+            specs = entry.model.bundle.manifest.inputs if entry.model is not None else []
+            if len(specs) != 1:
+                names = [spec.name for spec in specs]
+                raise InvalidInput(f"model {model} has inputs {names}: set user property 'input'")
+            request.inputs = {specs[0].name: request.inputs[""]}
+        return request, True
+
+    def _infer(self, request: InferenceRequest, raw: bool) -> Answer:
+        response = self.dataplane.infer(request, "mqtt")
+        if not raw:
+            return encode_response(response, set(), False)[0], JSON_CONTENT_TYPE, []
+        name, array = next(iter(response.outputs.items()))
+        user = [("output", name), ("dtype", v2_datatype(array.dtype)), ("shape", ",".join(map(str, array.shape))),
+                ("model_version", response.version)]
+        return np.ascontiguousarray(array).tobytes(), RAW_CONTENT_TYPE, user
 
     # -- outbox -------------------------------------------------------------
     def _on_result(self, request: InferenceRequest, response: InferenceResponse, transport: str) -> None:
@@ -372,6 +363,12 @@ class MqttTransport:
             self._reset.clear()
             self._inflight.clear()  # acks of messages from the old connection no longer count
             self._sent_up_to = 0
+        try:
+            self._publish_rows()
+        finally:
+            self._watch_acks(bool(self._inflight))
+
+    def _publish_rows(self) -> None:
         while self.client.is_connected() and not self._stop.is_set() and not self._reset.is_set():
             room = INFLIGHT - len(self._inflight)
             if room <= 0:
@@ -379,9 +376,9 @@ class MqttTransport:
             batch = self.outbox.peek(limit=room, after=self._sent_up_to)
             if not batch:
                 return
+            self._watch_acks(True)
             for message in batch:
-                props = Properties(PacketTypes.PUBLISH)
-                props.ContentType = json.loads(message.properties).get("content_type", JSON_CONTENT_TYPE)
+                props = reply_properties(json.loads(message.properties).get("content_type", JSON_CONTENT_TYPE), [], None)
                 info = self.client.publish(message.topic, message.payload, qos=message.qos,
                                            retain=message.retain, properties=props)
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:

@@ -1,0 +1,49 @@
+"""Reply properties packed by hand read back the same through paho's own parser."""
+
+from __future__ import annotations
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edged.transports.mqtt_codec import PackedProperties, pack_properties, reply_properties
+
+
+def unpack(packed: bytes) -> Properties:
+    props, length = Properties(PacketTypes.PUBLISH).unpack(packed)
+    assert length == len(packed)
+    return props
+
+
+def test_packed_properties_read_back_through_paho():
+    user = [("output", "logits"), ("dtype", "FP32"), ("shape", "1,10"), ("model_version", "1.0.0")]
+    props = unpack(pack_properties("application/x-edged-tensor", user, b"\x00corr\xff"))
+    assert props.ContentType == "application/x-edged-tensor"
+    assert props.UserProperty == user
+    assert props.CorrelationData == b"\x00corr\xff"
+
+
+def test_no_correlation_no_user_properties_and_unicode():
+    props = unpack(pack_properties("application/json", [("ausgabe", "größe ✓")], None))
+    assert props.ContentType == "application/json"
+    assert props.UserProperty == [("ausgabe", "größe ✓")]
+    assert not hasattr(props, "CorrelationData")
+    assert unpack(pack_properties("application/json", [], None)).ContentType == "application/json"
+
+
+def test_long_properties_use_a_multi_byte_length():
+    user = [(f"k{i}", "v" * 200) for i in range(3)]  # over 127 bytes: a two-byte variable length
+    props = unpack(pack_properties("application/json", user, b"x" * 300))
+    assert props.UserProperty == user and props.CorrelationData == b"x" * 300
+
+
+def test_a_value_over_the_mqtt_limit_is_refused():
+    with pytest.raises(ValueError, match="over the limit of 65535"):
+        pack_properties("application/json", [("big", "v" * 70000)], None)
+
+
+def test_reply_properties_are_paho_properties_that_pack_to_the_same_bytes():
+    props = reply_properties("application/json", [("error_code", "internal")], b"c")
+    assert isinstance(props, PackedProperties) and isinstance(props, Properties)
+    assert props.pack() == pack_properties("application/json", [("error_code", "internal")], b"c")
+    assert "bytes of packed properties" in str(props)
