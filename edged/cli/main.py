@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import json
-import logging
 import platform
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -98,29 +94,11 @@ def serve(
     config: Optional[Path] = typer.Option(None, "--config", "-c", envvar="EDGED_CONFIG", help="edged.toml to read; EDGED_* variables override it."),
 ) -> None:
     """Run the daemon in the foreground: load bundles, serve HTTP (and MQTT when configured)."""
-    from edged.config import load_config
-    from edged.daemon import Daemon
+    from edged.cli.serve import run_serve
 
-    try:
-        cfg = load_config(config)
-    except EdgedError as exc:
-        _fail(str(exc), 2)
-    logging.basicConfig(
-        level=getattr(logging, cfg.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    from edged import extensions
-
-    daemon = Daemon(cfg, str(config) if config else None)
-    extensions.attach(daemon)
-    try:
-        asyncio.run(daemon.run())
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            _fail(f"cannot start: port {cfg.http.port} on {cfg.http.host} is already in use (another edged?); "
-                  f"pick another with EDGED_HTTP_PORT=PORT or `port` under [http] in edged.toml", 1)
-        _fail(f"cannot start: {exc}", 1)
+    code = run_serve(config)
+    if code:
+        raise typer.Exit(code)
 
 
 @models_app.command("list")
