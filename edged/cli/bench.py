@@ -203,7 +203,8 @@ def _bundle_table(doc: dict[str, Any]) -> Any:
 
     runtime = doc.get("runtime_version") or doc["runtime"]
     loads = ", ".join(sorted({f"{r['load_s']:.2f}" for r in doc["results"]}))
-    table = Table(title=escape(f"edged bench {doc['model']} {doc['version']} ({runtime}, in-process)"),
+    title = f"edged bench {doc['model']} {doc['version']} ({runtime}, in-process)"
+    table = Table(title=escape(title), min_width=len(title) + 2,
                   caption=escape(f"inputs {_inputs(doc)} ({doc['input_source']}); {doc['warmup']} warm-up runs "
                                  f"per row; load {loads} s; RSS: this process's peak"), box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("threads", "batch", "runs", "p50 ms", "p90 ms", "p99 ms", "runs/s", "items/s", "RSS MiB"):
@@ -220,9 +221,11 @@ def _load_table(doc: dict[str, Any]) -> Any:
     from rich.markup import escape
     from rich.table import Table
 
-    where = doc["url"] if doc["mode"] == "http" else f"{doc['broker']} (device {doc['device']}, QoS {doc['qos']})"
+    where = doc["url"] if doc["mode"] == "http" else f"{doc['device']} via {doc['broker']}"
+    protocol = doc["protocol"] if doc["mode"] == "http" else f"mqtt QoS {doc['qos']}"
     version = f" {doc['version']}" if doc.get("version") else ""
-    table = Table(title=escape(f"edged bench {doc['model']}{version} over {doc['protocol']} at {where}"),
+    title = f"edged bench {doc['model']}{version} over {protocol} at {where}"
+    table = Table(title=escape(title), min_width=len(title) + 2,
                   caption=escape(f"inputs {_inputs(doc)} ({doc['input_source']}); {doc['warmup']} warm-up "
                                  f"requests per client; latency of successful requests"), box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("clients", "requests", "errors", "req/s", "p50 ms", "p90 ms", "p99 ms"):

@@ -29,6 +29,16 @@ def bench(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
                           env={**environ, "COLUMNS": "100", **(env or {})})
 
 
+def bench_here(*args: str) -> subprocess.CompletedProcess:
+    """The command run in this process (no interpreter start-up), for quick refusals."""
+    from typer.testing import CliRunner
+
+    from edged.cli import app
+
+    result = CliRunner().invoke(app, ["bench", *args], env={"EDGED_TOKEN": None, "EDGED_URL": None})
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
 def ok_json(out: subprocess.CompletedProcess) -> dict:
     assert out.returncode == 0, out.stdout + out.stderr
     return json.loads(out.stdout)
@@ -45,6 +55,19 @@ def one_error_line(out: subprocess.CompletedProcess, *words: str) -> str:
     return lines[0]
 
 
+def table_rows(stdout: str, columns: int) -> list[list[str]]:
+    """The table's body rows: lines of exactly ``columns`` numbers ("default" threads too)."""
+    def number(word: str) -> bool:
+        try:
+            float(word)
+        except ValueError:
+            return word == "default"
+        return True
+
+    return [line.split() for line in stdout.splitlines()
+            if len(line.split()) == columns and all(number(w) for w in line.split())]
+
+
 def check_latencies(row: dict) -> None:
     assert LATENCY_KEYS <= set(row)
     assert 0 < row["min_ms"] <= row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] <= row["max_ms"]
@@ -57,7 +80,7 @@ def test_bundle_prints_a_table_per_thread_and_batch(demo_bundles):
     assert "edged bench digits-onnx 1.0.0" in " ".join(out.stdout.split())
     for column in ("threads", "batch", "p50 ms", "p90 ms", "p99 ms", "runs/s", "items/s", "RSS MiB"):
         assert column in out.stdout, out.stdout
-    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["1"], ["2"])]
+    rows = table_rows(out.stdout, 9)
     assert [(r[0], r[1]) for r in rows] == [("1", "1"), ("1", "3"), ("2", "1"), ("2", "3")], out.stdout
 
 
@@ -126,7 +149,7 @@ def test_fixed_batch_refuses_other_batch_sizes(tmp_path):
 ], ids=["unknown-bundle", "bad-threads", "zero-batch", "concurrency-for-bundle", "missing-input",
         "threads-for-daemon", "bad-url", "bad-protocol"])
 def test_bad_input_is_one_error_line(demo_bundles, args, words):
-    one_error_line(bench(*[a.format(bundles=demo_bundles) for a in args]), *words)
+    one_error_line(bench_here(*[a.format(bundles=demo_bundles) for a in args]), *words)
 
 
 # -- a daemon over HTTP -------------------------------------------------------------
@@ -143,7 +166,7 @@ def test_url_prints_a_table_per_level(daemon):
     assert f"edged bench digits-onnx 1.0.0 over http-binary at {daemon.url}" in " ".join(out.stdout.split())
     for column in ("clients", "requests", "errors", "req/s", "p50 ms", "p90 ms", "p99 ms"):
         assert column in out.stdout, out.stdout
-    levels = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["1"], ["3"])]
+    levels = table_rows(out.stdout, 7)
     assert [(r[0], r[2]) for r in levels] == [("1", "0"), ("3", "0")], out.stdout  # clients, errors
 
 
@@ -170,11 +193,11 @@ def test_url_takes_input_from_a_file(daemon, demo_data):
 
 
 def test_url_errors_are_one_line(daemon):
-    one_error_line(bench("--url", daemon.url, "no-such-model"), "no-such-model", "404")
-    one_error_line(bench("--url", f"http://127.0.0.1:{free_port()}", "digits-onnx"), "cannot reach")
+    one_error_line(bench_here("--url", daemon.url, "no-such-model"), "no-such-model", "404")
+    one_error_line(bench_here("--url", f"http://127.0.0.1:{free_port()}", "digits-onnx"), "cannot reach")
     bad = Path(daemon.config).parent / "bad.npz"
     np.savez(bad, input=np.zeros((1, 3), np.float32))  # the wrong shape: the daemon refuses the first request
-    one_error_line(bench("--url", daemon.url, "digits-onnx", "--input", str(bad)), "first request failed", "400")
+    one_error_line(bench_here("--url", daemon.url, "digits-onnx", "--input", str(bad)), "first request failed", "400")
 
 
 def test_url_with_tokens_needs_edged_token(demo_bundles, tmp_path):
@@ -218,9 +241,9 @@ def test_mqtt_table_with_an_input_file_and_no_http(mqtt_daemon, mqtt_broker, tmp
                 "digits-tflite", "--input", str(tmp_path / "x.npy"), "--concurrency", "2", *FAST)
     assert out.returncode == 0, out.stdout + out.stderr
     words = " ".join(out.stdout.split())
-    assert "over mqtt at 127.0.0.1" in words and "device bench-dev" in words, out.stdout
-    levels = [line.split() for line in out.stdout.splitlines() if line.split()[:1] == ["2"]]
-    assert len(levels) == 1 and levels[0][2] == "0", out.stdout  # errors
+    assert f"over mqtt QoS 1 at bench-dev via 127.0.0.1:{mqtt_broker.port}" in words, out.stdout
+    levels = table_rows(out.stdout, 7)
+    assert len(levels) == 1 and levels[0][0] == "2" and levels[0][2] == "0", out.stdout  # clients, errors
 
 
 def test_mqtt_errors_are_one_line(mqtt_daemon, mqtt_broker, tmp_path):
