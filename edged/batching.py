@@ -1,11 +1,12 @@
 """Dynamic batching, configured as in Triton: concurrent requests to one model version
 are merged along the batch dimension (dim 0) into one runtime call and split back.
 
-There is no scheduler thread. The first request of a batch leads it: it waits until
-the batch is full, reaches a preferred size, or ``max_queue_delay_us`` has passed since
-it arrived, then takes a concurrency slot of the model (while it waits for the slot the
-batch keeps filling), runs the batch and hands each member its rows. The other members
-wait on an event. Requests join a forming batch only when their non-batch dimensions
+A request that finds no forming batch it fits in starts one and hands it to one of
+the batcher's ``max_concurrency`` worker threads. That worker waits until the batch is
+full, reaches a preferred size, or ``max_queue_delay_us`` has passed since its first
+request arrived, then takes a concurrency slot of the model, runs the batch and sets
+each request's future to its rows. While the workers are busy, new batches keep
+filling in the queue, so batches grow with the load even at a delay of 0. Requests join a forming batch only when their non-batch dimensions
 and dtypes equal its own and the rows fit in ``max_batch_size``; a request larger than
 ``max_batch_size`` runs alone. Each request is validated before it joins, so a bad one
 fails alone; a batch the runtime fails is run again request by request, so one request
@@ -18,6 +19,7 @@ import copy
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -25,7 +27,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
 
 from edged.config import ModelSettings
-from edged.errors import EdgedError, InferenceFailed, InvalidInput, Overloaded
+from edged.errors import EdgedError, InferenceFailed, InvalidInput, ModelNotReady, Overloaded
 
 if TYPE_CHECKING:
     from edged.model import LoadedModel
@@ -68,11 +70,7 @@ class _Member:
     inputs: dict[str, np.ndarray]
     rows: int
     arrived: float
-    wake: threading.Event = field(default_factory=threading.Event)
-    batch: "_Batch | None" = None
-    leads: bool = False
-    result: BatchedResult | None = None
-    error: EdgedError | None = None
+    future: Future = field(default_factory=Future)
 
 
 @dataclass
@@ -86,7 +84,6 @@ class _Batch:
     def add(self, member: _Member, preferred: frozenset[int]) -> None:
         self.members.append(member)
         self.rows += member.rows
-        member.batch = self
         if self.rows in preferred:
             self.cut = len(self.members)
 
@@ -127,7 +124,8 @@ def split(outputs: dict[str, np.ndarray], rows: list[int]) -> list[dict[str, np.
 
 
 class Batcher:
-    """The dynamic batcher of one model version (``entry``)."""
+    """The dynamic batcher of one model version (``entry``). Batches run on its own
+    ``max_concurrency`` worker threads, which also wait out the queue delay."""
 
     def __init__(self, entry: "ModelEntry", settings: ModelSettings, metrics: BatchMetrics | None = None) -> None:
         self.entry = entry
@@ -138,52 +136,67 @@ class Batcher:
         self._lock = threading.Lock()
         self._open: list[_Batch] = []
         self._waiting = 0  # requests in batches that have not started running
+        self._closed = False  # replaced by a reload or unloaded: new requests go elsewhere
+        # Its threads end when the batcher is dropped (ThreadPoolExecutor's weak reference).
+        self._workers = ThreadPoolExecutor(max_workers=entry.max_concurrency,
+                                           thread_name_prefix=f"edged-batch-{entry.name}")
 
     def infer(self, inputs: dict[str, np.ndarray]) -> BatchedResult:
         """Run ``inputs`` in a batch with concurrent requests; raises EdgedError only."""
+        return self.submit(inputs).result()
+
+    def submit(self, inputs: dict[str, np.ndarray]) -> Future:
+        """Validate ``inputs`` (InvalidInput now, for this request alone) and queue them;
+        the future gets a BatchedResult or an EdgedError. Never blocks: an event loop
+        may call it (``asyncio.wrap_future``) and await one thread hop per batch."""
         model = self.entry.current_model()
         try:
-            model.validate(inputs)  # a bad request fails here, alone
+            model.validate(inputs)
             rows = batch_rows(inputs)
         except InvalidInput:
             self.entry.count(ok=True)  # as the unbatched path counts it: not the model's fault
             raise
         member = _Member(inputs=inputs, rows=rows, arrived=time.perf_counter())
-        if rows == 0 or rows > self.max_rows:
-            return self._run_alone(member)
-        key = batch_key(inputs)
+        if self._enqueue(member, batch_key(inputs)):
+            return member.future
+        successor = self.entry.batcher  # a reload replaced this batcher after the caller looked it up
+        if successor is None or successor is self:
+            raise ModelNotReady(f"model {self.entry.name} version {self.entry.version} is not ready: unloaded")
+        return successor.submit(inputs)
+
+    def _enqueue(self, member: _Member, key: tuple) -> bool:
+        """Put ``member`` in a forming batch (or start one); False once closed."""
         with self._lock:
+            if self._closed:
+                return False
+            if member.rows == 0 or member.rows > self.max_rows:  # runs alone, not merged and not refused
+                self._workers.submit(self._run_alone, member)
+                return True
             if self._waiting >= self.entry.max_queue:
                 raise Overloaded(f"model {self.entry.name} version {self.entry.version} has "
                                  f"{self._waiting} requests waiting to be batched (max_queue)")
             self._waiting += 1
-            batch = next((b for b in self._open if b.key == key and b.rows + rows <= self.max_rows), None)
+            batch = next((b for b in self._open if b.key == key and b.rows + member.rows <= self.max_rows), None)
             if batch is None:
                 batch = _Batch(key=key, ready=threading.Condition(self._lock))
                 self._open.append(batch)
-                member.leads = True
-            batch.add(member, self.preferred)
-            if not member.leads and (batch.rows >= self.max_rows or batch.cut):
-                batch.ready.notify()
-        while not member.leads:
-            member.wake.wait()
-            member.wake.clear()
-            if member.result is not None or member.error is not None:
-                return self._outcome(member)
-        self._lead(member)
-        return self._outcome(member)
+                batch.add(member, self.preferred)
+                self._workers.submit(self._lead, batch)
+            else:
+                batch.add(member, self.preferred)
+                if batch.rows >= self.max_rows or batch.cut:
+                    batch.ready.notify()
+            return True
 
-    @staticmethod
-    def _outcome(member: _Member) -> BatchedResult:
-        if member.error is not None:
-            raise member.error
-        if member.result is None:
-            raise InferenceFailed("the batch ended without a result for this request")
-        return member.result
+    def close(self) -> None:
+        """Take no new requests (they go to the entry's new batcher); queued batches still run."""
+        with self._lock:
+            self._closed = True
 
-    def _lead(self, leader: _Member) -> None:
-        batch = leader.batch
-        deadline = leader.arrived + self.delay_s
+    def _lead(self, batch: _Batch) -> None:
+        """On a worker: wait until the batch is full, reaches a preferred size or its
+        first request has waited max_queue_delay_us; take a slot; run it."""
+        deadline = batch.members[0].arrived + self.delay_s
         with self._lock:
             while batch.rows < self.max_rows and not batch.cut:
                 left = deadline - time.perf_counter()
@@ -196,30 +209,25 @@ class Batcher:
             self._deliver_error(self._close(batch, deadline), exc, ran=False)
             return
         try:
-            members = self._close(batch, deadline)
-            self._run(model, members)
+            self._run(model, self._close(batch, deadline))
         finally:
             self.entry.release()
 
     def _close(self, batch: _Batch, deadline: float) -> list[_Member]:
         """Take ``batch`` out of the forming ones. Before its deadline, only its
-        largest preferred size goes; the rest forms a new batch led by its first."""
+        largest preferred size goes; the rest forms a new batch."""
         with self._lock:
             self._open.remove(batch)
             members = batch.members
             if 0 < batch.cut < len(members) and time.perf_counter() < deadline:
                 members, rest = members[:batch.cut], members[batch.cut:]
-                self._reopen(batch.key, rest)
+                again = _Batch(key=batch.key, ready=threading.Condition(self._lock))
+                for member in rest:
+                    again.add(member, self.preferred)
+                self._open.append(again)
+                self._workers.submit(self._lead, again)
             self._waiting -= len(members)
             return members
-
-    def _reopen(self, key: tuple, rest: list[_Member]) -> None:
-        batch = _Batch(key=key, ready=threading.Condition(self._lock))
-        for member in rest:
-            batch.add(member, self.preferred)
-        self._open.append(batch)
-        rest[0].leads = True
-        rest[0].wake.set()
 
     def _run(self, model: "LoadedModel", members: list[_Member]) -> None:
         """Run ``members`` as one call; when that fails and there were several, each alone."""
@@ -238,17 +246,19 @@ class Batcher:
         self._observe(sum(rows), len(members))
         for member, part in zip(members, outputs):
             self.entry.count(ok=True)
-            member.result = BatchedResult(outputs=part, queued_s=started - member.arrived, run_s=run_s,
-                                          batch_rows=sum(rows))
-            member.wake.set()
+            member.future.set_result(BatchedResult(outputs=part, queued_s=started - member.arrived, run_s=run_s,
+                                                   batch_rows=sum(rows)))
 
-    def _run_alone(self, member: _Member) -> BatchedResult:
-        model, _ = self.entry.acquire()
+    def _run_alone(self, member: _Member) -> None:
+        try:
+            model, _ = self.entry.acquire()
+        except EdgedError as exc:
+            self._deliver_error([member], exc, ran=False)
+            return
         try:
             self._run(model, [member])
         finally:
             self.entry.release()
-        return self._outcome(member)
 
     def _as_edged(self, exc: Exception) -> EdgedError:
         """The error a member gets: EdgedError as raised, a runtime's own exception
@@ -265,8 +275,7 @@ class Batcher:
         for member in members:
             if ran:  # counted as the unbatched path counts it: a bad request is not the model's fault
                 self.entry.count(ok=not isinstance(exc, InferenceFailed))
-            member.error = copy.copy(exc)  # each request thread raises its own instance
-            member.wake.set()
+            member.future.set_exception(copy.copy(exc))  # each request raises its own instance
 
     def _observe(self, rows: int, requests: int) -> None:
         if self.metrics is not None:

@@ -332,9 +332,11 @@ class ModelRegistry:
         except Exception as exc:  # a runtime library's own error type
             self._fail(entry, f"{type(exc).__name__}: {exc}", keep_serving=previous_state is ModelState.READY)
             return
-        old = entry.model
+        old, old_batcher = entry.model, entry.batcher
         entry.typical_latency_s = None if batcher else new.warm_latency_s
         entry.batcher = batcher
+        if old_batcher is not None:
+            old_batcher.close()
         entry.model, entry.state, entry.reason = new, ModelState.READY, ""
         entry.runtime = new.bundle.manifest.runtime
         if old is not None:
@@ -391,7 +393,7 @@ class ModelRegistry:
                     entry = self._new_entry(name, version, source, model.bundle.manifest.runtime)
                 batcher = self._batcher_for(entry, model)  # BundleError before anything is swapped
                 self._entries[key] = entry
-                previous_model = entry.model
+                previous_model, previous_batcher = entry.model, entry.batcher
                 entry.batcher = batcher
                 entry.source, entry.runtime = source, model.bundle.manifest.runtime
                 entry.model, entry.state, entry.reason = model, ModelState.READY, ""
@@ -399,6 +401,8 @@ class ModelRegistry:
                 entry.typical_latency_s = None if batcher else model.warm_latency_s
                 self._active[name] = version
                 others = [e for e in self._entries.values() if e.name == name and e is not entry]
+            if previous_batcher is not None:
+                previous_batcher.close()
             if previous_model is not None and previous_model is not model:
                 entry.wait_idle(timeout=30.0)
                 previous_model.unload()
@@ -420,8 +424,10 @@ class ModelRegistry:
             return entries
 
     def _unload_entry(self, entry: ModelEntry) -> None:
-        model = entry.model
-        entry.state, entry.reason, entry.model = ModelState.UNAVAILABLE, "unloaded", None
+        model, batcher = entry.model, entry.batcher
+        entry.state, entry.reason, entry.model, entry.batcher = ModelState.UNAVAILABLE, "unloaded", None, None
+        if batcher is not None:
+            batcher.close()  # its queued batches still run: they fail as not ready
         if model is not None:
             entry.wait_idle(timeout=30.0)
             model.unload()

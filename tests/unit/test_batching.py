@@ -14,7 +14,7 @@ import pytest
 
 from edged.bundle import Manifest, write_bundle
 from edged.config import Config, ModelSettings, load_config
-from edged.errors import ConfigError, InferenceFailed, InvalidInput
+from edged.errors import ConfigError, InferenceFailed, InvalidInput, ModelNotReady, Overloaded
 from edged.metrics import Metrics
 from edged.registry import ModelRegistry, ModelState
 from edged.tensors import TensorSpec
@@ -236,3 +236,29 @@ def test_bad_models_tables_name_the_key(tmp_path, table, message):
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
     assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_reload_hands_new_requests_to_the_new_batcher_and_an_unload_refuses_them(tmp_path):
+    write_tiny_bundle(tmp_path / "models" / "tiny")
+    registry = _registry(tmp_path, {"tiny": ModelSettings(max_batch_size=2, max_queue_delay_us=0)})
+    entry = registry.get("tiny")
+    old = entry.batcher
+    x = {"input": np.ones((1, 4), np.float32)}
+    registry.load("tiny")  # reload: a new model and a new batcher
+    assert entry.batcher is not old and entry.ready
+    np.testing.assert_allclose(old.infer(x).outputs["y"], x["input"] @ WEIGHTS, rtol=1e-5)  # went to the new one
+    registry.unload("tiny")
+    with pytest.raises(ModelNotReady):
+        old.infer(x)
+
+
+def test_more_waiting_requests_than_max_queue_are_refused(tmp_path):
+    write_tiny_bundle(tmp_path / "models" / "tiny")
+    registry = _registry(tmp_path, {"tiny": ModelSettings(max_batch_size=8, max_queue_delay_us=1_000_000)}, max_queue=2)
+    batcher = registry.get("tiny").batcher
+    x = {"input": np.ones((1, 4), np.float32)}
+    waiting = [batcher.submit(x), batcher.submit(x)]  # the batch waits for 6 more, or for its 1 s delay
+    with pytest.raises(Overloaded, match="2 requests waiting to be batched"):
+        batcher.submit(x)
+    assert [f.result(WAIT_S).batch_rows for f in waiting] == [2, 2]
+    registry.unload_all()
