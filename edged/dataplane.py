@@ -194,27 +194,33 @@ class DataPlane:
         series = self._series(entry)
         series.queue_depth.inc()
         try:
-            model, waited = entry.acquire()
-            try:
-                series.queue_time.observe(waited)
-                start = time.perf_counter()
+            if entry.batcher is not None:  # validates, waits for its batch, counts; raises EdgedError
+                done = entry.batcher.infer(request.inputs)
+                series.queue_time.observe(done.queued_s)
+                series.latency.observe(done.run_s)
+                outputs = done.outputs
+            else:
+                model, waited = entry.acquire()
                 try:
-                    outputs = model.infer(request.inputs)
-                except EdgedError as exc:
-                    entry.count(ok=not isinstance(exc, InferenceFailed))  # a bad request is not the model's fault
-                    raise
-                except Exception as exc:  # a runtime's own exception type: its text stays in the log
-                    entry.count(ok=False)
-                    log.warning("model %s %s failed in %s: %s: %s", entry.name, entry.version, entry.runtime,
-                                type(exc).__name__, exc)
-                    raise InferenceFailed(f"model {entry.name} failed in its runtime ({entry.runtime}); "
-                                          "the daemon's log has the details") from None
-                entry.count(ok=True)
-                elapsed = time.perf_counter() - start
-                entry.note_latency(elapsed)
-                series.latency.observe(elapsed)
-            finally:
-                entry.release()
+                    series.queue_time.observe(waited)
+                    start = time.perf_counter()
+                    try:
+                        outputs = model.infer(request.inputs)
+                    except EdgedError as exc:
+                        entry.count(ok=not isinstance(exc, InferenceFailed))  # a bad request is not the model's fault
+                        raise
+                    except Exception as exc:  # a runtime's own exception type: its text stays in the log
+                        entry.count(ok=False)
+                        log.warning("model %s %s failed in %s: %s: %s", entry.name, entry.version, entry.runtime,
+                                    type(exc).__name__, exc)
+                        raise InferenceFailed(f"model {entry.name} failed in its runtime ({entry.runtime}); "
+                                              "the daemon's log has the details") from None
+                    entry.count(ok=True)
+                    elapsed = time.perf_counter() - start
+                    entry.note_latency(elapsed)
+                    series.latency.observe(elapsed)
+                finally:
+                    entry.release()
         finally:
             series.queue_depth.dec()
         if request.outputs:
