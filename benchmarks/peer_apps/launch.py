@@ -38,11 +38,15 @@ class Server:
 
 
 def _versions(python: Path, packages: tuple[str, ...]) -> dict[str, str]:
+    """The installed versions of ``packages`` in the venv of ``python`` ({} when it cannot tell)."""
     code = ("import importlib.metadata as m, json, sys\n"
             "out = {}\nfor p in sys.argv[1:]:\n    try: out[p] = m.version(p)\n    except m.PackageNotFoundError: pass\n"
             "print(json.dumps(out))")
-    done = subprocess.run([str(python), "-c", code, *packages], capture_output=True, text=True, timeout=120)
-    return json.loads(done.stdout) if done.returncode == 0 else {}
+    try:
+        done = subprocess.run([str(python), "-c", code, *packages], capture_output=True, text=True, timeout=120)
+        return json.loads(done.stdout) if done.returncode == 0 else {}
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return {}  # the versions are a note in the section; not knowing them stops nothing
 
 
 def _wait_ready(proc: subprocess.Popen, port: int, paths: list[str], log: Path, timeout: float = 240.0) -> None:
