@@ -289,7 +289,7 @@ def markdown(results: dict) -> str:
         "## peers", "",
         "The same ONNX files served by edged (`edged serve`), by MLServer (a custom `MLModel` around onnxruntime, "
         "`parallel_workers` 0, access log off) and by a naive FastAPI app under uvicorn (JSON body -> `np.asarray` -> "
-        "onnxruntime -> JSON, 1 worker). Each server: one process, onnxruntime with 1 intra-op thread, 127.0.0.1. "
+        "onnxruntime -> JSON, 1 worker); both peers run on uvicorn with httptools. Each server: one process, onnxruntime with 1 intra-op thread, 127.0.0.1. "
         "Every server's answer is first checked against onnxruntime run here. One client for all: keep-alive "
         "`http.client` connections, one per client thread, bodies prepared in advance.",
         "",
@@ -300,7 +300,8 @@ def markdown(results: dict) -> str:
             f"{m} binary {v['binary_body_bytes']:,} B, JSON {v['json_body_bytes']:,} B" for m, v in models.items()) + ".",
         "",
         "**binary** rows: edged gets the V2 binary-data extension (raw FP32 after the JSON header, binary output); "
-        "MLServer and the FastAPI app have no binary REST body, so their figure in those rows is their JSON request. "
+        "MLServer's REST API has no binary-data extension (its gRPC raw contents are not used here) and the naive "
+        "FastAPI app takes JSON only, so their figure in those rows is their JSON request. "
         "**json** rows: the same V2 JSON body (flat `data` list) for all three.",
         "",
         f"{results['settings']['rounds']} interleaved rounds; within each round every row times edged, then MLServer, "
