@@ -22,9 +22,12 @@ Feed = dict[str, np.ndarray]
 
 
 def _pairs(source_names: list[str], served_names: list[str]) -> list[tuple[str, str]]:
-    """(source name, served name): by name where all match, else by position."""
+    """(source name, served name): by name where all match (a bundle may lack a source
+    input that edged convert folded into it, e.g. silero's constant ``sr``), else by position."""
     if set(source_names) <= set(served_names):
         return [(n, n) for n in source_names]
+    if set(served_names) < set(source_names):
+        return [(n, n) for n in source_names if n in served_names]
     return list(zip(source_names, served_names))
 
 

@@ -11,7 +11,8 @@ writes ``result.json`` into the work folder: ``{"ok": true, "tflite": ...}`` or
 "node", "message"}``.
 
 Steps:
-1. prepare: fix every input to its static calibration shape, simplify with
+1. prepare: fix every input to its static calibration shape, replace each If
+   that the static shapes decide by its branch (``fold.py``), simplify with
    onnxsim (constant folding of shape arithmetic), give nodes names TensorFlow
    accepts.
 2. float: onnx2tf writes a float SavedModel, cached per source sha256, shapes
@@ -82,6 +83,9 @@ def prepare(source: Path, shapes: dict[str, list[int]], dest: Path) -> dict[str,
     for out in model.graph.output:  # let shape inference fill them from the static inputs
         for dim in out.type.tensor_type.shape.dim:
             dim.Clear()
+    folded = fold_static_ifs(model)
+    if folded is not None:
+        model = folded
     simplified = False
     try:
         import onnxsim
@@ -102,6 +106,22 @@ def prepare(source: Path, shapes: dict[str, list[int]], dest: Path) -> dict[str,
         seen.add(node.name)
     onnx.save(model, str(dest))
     return {"simplified": simplified, "op_types": sorted({n.op_type for n in model.graph.node})}
+
+
+def fold_static_ifs(model: Any) -> Any | None:
+    """The model with each If whose condition the static shapes decide replaced by
+    its branch (``fold.py``; onnxsim and onnx2tf cannot take such an If), or None."""
+    try:
+        from fold import fold_model
+
+        folded = fold_model(model, {}, static_shapes=True)
+    except Exception as exc:  # the fold is a help, not a step: convert the model as it is
+        print(f"folding If nodes on static shapes failed: {type(exc).__name__}: {exc}", flush=True)
+        return None
+    if folded is not None:
+        left = sum(1 for n in folded.graph.node if n.op_type == "If")
+        print(f"folded If nodes decided by the static shapes ({left} left)", flush=True)
+    return folded
 
 
 def loads(model: Any) -> bool:

@@ -49,6 +49,49 @@ def _specs(ports: Any) -> list[TensorSpec]:
     return [replace(spec, layout=LAYOUTS.get(len(spec.shape), "")) for spec in map(port_spec, ports)]
 
 
+def _fold_ifs_at(model: Any, shapes: dict[str, list[int]]) -> Any | None:
+    """A copy of the ONNX ``model`` at these static input shapes with the If
+    nodes they decide replaced by their branch (``converters.fold``), or None
+    when none folds."""
+    import onnx
+
+    from converters.fold import fold_model
+
+    static = onnx.ModelProto()
+    static.CopyFrom(model)
+    for inp in static.graph.input:
+        if inp.name in shapes:
+            dims = inp.type.tensor_type.shape.dim
+            for dim, size in zip(dims, shapes[inp.name]):
+                dim.Clear()
+                dim.dim_value = size
+    try:
+        return fold_model(static, {}, static_shapes=True)
+    except Exception:  # the fold is a help: convert the model as it is
+        return None
+
+
+def _keep_onnx_output_names(ov: Any, ov_model: Any, onnx_names: list[str]) -> None:
+    """When compiling fuses an output with the op before it (ReduceMean then
+    Unsqueeze), the output port also carries that op's tensor name and the
+    daemon, which reads a port's first name, would see that one: such internal
+    names are taken off the model, so each output keeps its ONNX name."""
+    compiled = ov.Core().compile_model(ov_model, "CPU")
+    extra: set[str] = set()
+    for port in compiled.outputs:
+        names = set(port.get_names())
+        ours = [n for n in onnx_names if n in names]
+        if len(ours) == 1 and port.get_any_name() != ours[0]:
+            extra |= names - {ours[0]}
+    if not extra:
+        return
+    for op in ov_model.get_ops():
+        for out in op.outputs():
+            names = set(out.get_names())
+            if names & extra:
+                out.get_tensor().set_names(names - extra)
+
+
 class OpenVinoConverter:
     """ONNX -> OpenVINO IR bundle."""
 
@@ -74,14 +117,31 @@ class OpenVinoConverter:
         samples = as_samples(calibration, specs)
         precision = self.precision or getattr(profile, "precision", None) or "fp16"
         shapes = {spec.name: self._static_shape(spec, samples.arrays[spec.name].shape[1:]) for spec in specs}
+        notes: list[str] = []
+        convert_from: Any = str(source)
+        if any(n.op_type == "If" for n in model.graph.node):  # If nodes on dims: folded at the data's shapes
+            folded = _fold_ifs_at(model, {n: [int(d) for d in samples.arrays[n].shape[1:]] for n in shapes})
+            if folded is not None:
+                import onnx
+
+                convert_from = Path(dest).parent / f".{Path(dest).name}-folded.onnx"
+                convert_from.parent.mkdir(parents=True, exist_ok=True)
+                onnx.save(folded, str(convert_from))
+                shapes = {n: [int(d) for d in samples.arrays[n].shape[1:]] for n in shapes}
+                notes.append("If nodes decided by the input shapes were replaced by their branch, at the "
+                             f"data's shapes ({shapes}); the batch dimension is fixed")
         try:
-            ov_model = ov.convert_model(str(source), input=[(n, ov.PartialShape(s)) for n, s in shapes.items()])
+            ov_model = ov.convert_model(convert_from, input=[(n, ov.PartialShape(s)) for n, s in shapes.items()])
         except Exception as exc:
             raise ConversionError(f"{source.name}: OpenVINO cannot convert the model: {_first_reason(exc)}; "
                                   "use an ONNX profile (e.g. --profile generic-x86)") from None
+        finally:
+            if isinstance(convert_from, Path):
+                convert_from.unlink(missing_ok=True)
         tools = {"openvino": dist_version("openvino"), "onnx": dist_version("onnx")}
         provenance: dict[str, Any] = {
             "converter": self.name, "precision": precision, "input_shapes": shapes, "tools": tools,
+            **({"notes": notes} if notes else {}),
         }
         if precision == "int8":
             try:
@@ -113,6 +173,7 @@ class OpenVinoConverter:
             compress = precision == "fp16"
         else:
             raise ConversionError(f"unknown precision {precision!r}; expected int8, fp16 or fp32")
+        _keep_onnx_output_names(ov, ov_model, [o.name for o in model.graph.output])
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-ov-", dir=dest.parent))

@@ -30,6 +30,7 @@ from converters.source import Source, shapes_from_data
 from edged.errors import EdgedError
 
 DEFAULT_CALIB_SAMPLES = 300
+FOLD_RUNTIMES = ("openvino", "tflite")  # they cannot take an If on an input (converters.fold); onnxruntime can
 ALTERNATIVES = ("or convert for another profile (e.g. --profile generic-x86 keeps fp32 when int8 cannot pass), "
                 "or serve the float model as it is with `edged bundle create`")
 
@@ -72,6 +73,7 @@ class ConversionData:
     calib_note: str
     validation_name: str  # "holdout" or "calibration"
     warnings: list[str] = field(default_factory=list)
+    from_files: bool = True  # False: random calibration data (no constant input is trusted to fold)
 
 
 def prepare_data(source: Source, options: DataOptions, workdir: Path) -> ConversionData:
@@ -103,7 +105,7 @@ def prepare_data(source: Source, options: DataOptions, workdir: Path) -> Convers
         if labels.dtype.kind not in "iu" or len(labels) != len(validation):
             raise BadInput(f"labels: expected {len(validation)} integer labels for the {name} set, "
                            f"got {len(labels)} {labels.dtype}")
-    return ConversionData(calib, validation, note, name, warnings)
+    return ConversionData(calib, validation, note, name, warnings, from_files=bool(options.calib or options.holdout))
 
 
 @dataclass
@@ -207,11 +209,18 @@ def convert_one(source: Source, profile: Any, data: ConversionData, target: Targ
         plan = plan_auto(profile, source)
     else:
         plan = plan_for(profile, source)
-    for note in plan.notes:
-        progress.note(f"{profile.name}: {note}")
     target.out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.bundle_name}-staging-", dir=target.out_dir))
     try:
+        if plan.runtime in FOLD_RUNTIMES and data.from_files:  # a constant input that picks an If branch
+            from converters.fold import fold_for_target
+
+            source, data, note = fold_for_target(source, data, staging)
+            if note:
+                plan.notes.append(note)
+                plan.provenance["folded_inputs"] = note
+        for note in plan.notes:
+            progress.note(f"{profile.name}: {note}")
         session = ConversionSession(source, profile, data, target, plan, staging, progress)
         return _convert(session, source, profile, target, plan, progress)
     except (AccuracyGateFailed, BadInput, Skipped, ConverterUnavailable):

@@ -226,6 +226,7 @@ def _same_runtime(chosen: Any, timed: dict[str, dict[str, float]], fp32: Any | N
     block["chosen_vs_fp32"] = round(timed[chosen.label]["p50"] / max(timed[fp32.label]["p50"], 1e-9), 3)
     int8 = chosen.label if report.get("precision") == "int8" else int8
     if int8 is None or int8 not in timed:
+        _float_slower(report, block, runtime, fp32.label)
         return
     ratio = timed[int8]["p50"] / max(timed[fp32.label]["p50"], 1e-9)
     block["int8_vs_fp32"] = round(ratio, 3)
@@ -238,6 +239,16 @@ def _same_runtime(chosen: Any, timed: dict[str, dict[str, float]], fp32: Any | N
     else:
         tail = "; --precision auto would ship fp32" if fp32.passed else ""
     report["speed_note"] = f"{name} is {what} fp32 on {RUNTIME_NAMES.get(runtime, runtime)} here{tail}"
+
+
+def _float_slower(report: dict[str, Any], block: dict[str, Any], runtime: str, fp32_label: str) -> None:
+    """A shipped fp16 (e.g. the accuracy fallback) that timed slower than fp32
+    on the same runtime: one line saying so."""
+    ratio = block.get("chosen_vs_fp32")
+    if report.get("precision") != "fp16" or ratio is None or ratio < 1.05 or block["chosen"]["label"] == fp32_label:
+        return
+    report["speed_note"] = (f"fp16 is {ratio:.2f}x slower than fp32 on {RUNTIME_NAMES.get(runtime, runtime)} here "
+                            "(fp16 halves the size; the device may differ)")
 
 
 def compare_with_fp32(session: Any, chosen: Any) -> None:
