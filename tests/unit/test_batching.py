@@ -262,3 +262,20 @@ def test_more_waiting_requests_than_max_queue_are_refused(tmp_path):
         batcher.submit(x)
     assert [f.result(WAIT_S).batch_rows for f in waiting] == [2, 2]
     registry.unload_all()
+
+
+def test_a_batch_past_its_preferred_size_sends_that_size_and_the_rest_forms_the_next(tmp_path):
+    write_tiny_bundle(tmp_path / "models" / "tiny")
+    settings = ModelSettings(max_batch_size=8, preferred_batch_sizes=[2], max_queue_delay_us=LONG_US)
+    registry = _registry(tmp_path, {"tiny": settings}, max_concurrency=1)
+    entry = registry.get("tiny")
+    xs = [{"input": np.full((1, 4), i, np.float32)} for i in range(4)]
+    entry.acquire()  # the only slot is busy: the batch keeps filling past 2
+    first = [entry.batcher.submit(x) for x in xs[:3]]
+    entry.release()  # 2 go (the preferred size), the third starts the next batch
+    last = entry.batcher.submit(xs[3])  # and makes it 2: it goes without waiting the delay
+    done = [f.result(WAIT_S) for f in first + [last]]
+    assert [r.batch_rows for r in done] == [2, 2, 2, 2]
+    for x, result in zip(xs, done):
+        np.testing.assert_allclose(result.outputs["y"], x["input"] @ WEIGHTS, rtol=1e-5)
+    registry.unload_all()
