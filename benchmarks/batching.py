@@ -24,7 +24,7 @@ from benchmarks.common import measure
 from tests.helpers import DEMO_BUNDLES, REPO, start_daemon
 
 CLIENTS = 16
-ROUNDS = 3
+ROUNDS = 5
 SECONDS = 3.0
 MODELS = {  # model -> (max_batch_size, max_queue_delay_us)
     "digits-onnx": (16, 500),
