@@ -6,8 +6,10 @@ the batcher's ``max_concurrency`` worker threads. That worker waits until the ba
 full, reaches a preferred size, or ``max_queue_delay_us`` has passed since its first
 request arrived, then takes a concurrency slot of the model, runs the batch and sets
 each request's future to its rows. While the workers are busy, new batches keep
-filling in the queue, so batches grow with the load even at a delay of 0. Requests join a forming batch only when their non-batch dimensions
-and dtypes equal its own and the rows fit in ``max_batch_size``; a request larger than
+filling in the queue, so batches grow with the load even at a delay of 0.
+
+Requests join a forming batch only when their non-batch dimensions and dtypes equal
+its own and the rows fit in ``max_batch_size``; a request larger than
 ``max_batch_size`` runs alone. Each request is validated before it joins, so a bad one
 fails alone; a batch the runtime fails is run again request by request, so one request
 that breaks the runtime fails alone too.
@@ -209,9 +211,15 @@ class Batcher:
             self._deliver_error(self._close(batch, deadline), exc, ran=False)
             return
         try:
-            self._run(model, self._close(batch, deadline))
+            self._run_guarded(model, self._close(batch, deadline))
         finally:
             self.entry.release()
+
+    def _run_guarded(self, model: "LoadedModel", members: list[_Member]) -> None:
+        try:
+            self._run(model, members)
+        except Exception as exc:  # a fault here must not leave requests waiting for ever
+            self._deliver_error([m for m in members if not m.future.done()], self._as_edged(exc), ran=False)
 
     def _close(self, batch: _Batch, deadline: float) -> list[_Member]:
         """Take ``batch`` out of the forming ones. Before its deadline, only its
@@ -256,7 +264,7 @@ class Batcher:
             self._deliver_error([member], exc, ran=False)
             return
         try:
-            self._run(model, [member])
+            self._run_guarded(model, [member])
         finally:
             self.entry.release()
 
