@@ -210,7 +210,10 @@ class MqttTransport:
                 self._submit(self._handle_subscription, callback, message)
                 return
         if self.inline_max_us > 0 and len(message.payload) <= INLINE_MAX_BYTES:
-            self._handle_request(message, inline=True)
+            try:
+                self._handle_request(message, inline=True)
+            except Exception:  # paho's network thread must survive any one message
+                log.exception("MQTT request on %r failed", message.topic)
         else:
             self._submit(self._handle_request, message, False)
 
