@@ -130,8 +130,12 @@ def markdown(results: dict[str, Any]) -> str:
         "requests, the task's gate (`converters.metrics`) computed on the answers against the fp32 source run "
         "directly; stateful VAD models also run a state loop (each `stateN` fed back as the next `state`) over a "
         "clip. **s**: the whole command (the report's first conversion step). **p50 ms**: the report's batch-1 "
-        "latency of the bundle / fp32 on the same runtime (the report's `latency_same_runtime`; * where the report "
+        "latency of the bundle / fp32 on the same runtime (the report's `latency_same_runtime`, interleaved; on the "
+        "onnx2tf route the fp32 TFLite twin on edged's TFLite runtime; * where the report "
         "has only the fp32 source on onnxruntime against the bundle through edged's runtime). **KiB**: fp32 source → bundle model files. "
+        "An int8 TFLite that misses the gate falls back to the route's fp16, then fp32 twin (the outcome names "
+        "both metrics); a constant scalar input that picks an `If` branch (silero's `sr`) is folded into the "
+        "OpenVINO and TFLite bundles, which then have no such input. "
         f"Each conversion capped at {results.get('timeout_s', CONVERT_TIMEOUT_S):.0f} s.",
         "",
         *summary(rows),

@@ -1,8 +1,9 @@
 """ONNX -> full-integer int8 TFLite (or its fp16/fp32 twin) through onnx2tf
-(``converters.onnx_tf``), as a ``Converter``: the route for graphs the MLP writer does not take (LSTM,
-GRU, SpaceToDepth, computed Clip bounds, several inputs). The worker runs in
-``build/tf-venv`` (``make install-tf``); this module only wraps its result
-into a bundle with the ONNX model as the reference.
+(``converters.onnx_tf``), as a ``Converter``: the route for graphs the MLP
+writer does not take (LSTM, GRU, SpaceToDepth, computed Clip bounds, several
+inputs). The worker runs in ``build/tf-venv`` (``make install-tf``); this
+module only wraps its result into a bundle with the ONNX model as the
+reference.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from edged.bundle import Bundle
 from edged.tensors import Quantization, TensorSpec
 
 LAYOUTS = {2: "NC", 3: "NCW", 4: "NCHW", 5: "NCDHW"}
-
-
 FLOAT_PRECISIONS = ("fp16", "fp32")  # the float twins, best first: fp16 weights halve the size
 
 

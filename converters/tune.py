@@ -9,7 +9,8 @@ symmetric activations), then keep 1, 2, 4, 8 ... of the worst nodes in float
 OpenVINO (nncf): the mixed preset, then the same ranking as an nncf
 ``IgnoredScope``. TFLite routes are not tuned here. When nothing passes,
 fall back to fp16 where the runtime runs it, else fp32 on the same runtime,
-and say so.
+and say so with the metric of each (TFLite: the onnx2tf route's fp16 and
+fp32 twins, written by its int8 run; the other TFLite routes have none).
 
 Every candidate goes through ``session.attempt`` (staging, validation and
 the gate are the pipeline's own); each step's metric lands in the chosen
