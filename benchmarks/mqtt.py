@@ -56,7 +56,7 @@ class Requester:
     """One synchronous request/response client: publish, then read in this thread until
     the reply with this request's Correlation Data is there."""
 
-    def __init__(self, port: int, qos: int) -> None:
+    def __init__(self, port: int, qos: int, user: list[tuple[str, str]]) -> None:
         self.qos = qos
         self.client = _client()
         self.client.on_message = self._on_message
@@ -69,6 +69,7 @@ class Requester:
         self.topic = f"bench/replies/{uuid.uuid4().hex}"
         self.client.subscribe(self.topic, qos=qos)
         self._loop_until(lambda: self.subscribed)
+        self.props = _request_properties(self.topic, b"", user)  # built once; each request sets its Correlation Data
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         self.reply = message
@@ -80,11 +81,12 @@ class Requester:
                 raise TimeoutError(f"no MQTT reply in {timeout} s")
             self.client.loop(timeout=1.0)
 
-    def call(self, payload: bytes, user: list[tuple[str, str]]) -> None:
+    def call(self, payload: bytes) -> None:
         self.count += 1
         correlation = self.count.to_bytes(8, "big")
+        self.props.CorrelationData = correlation
         self.reply = None
-        self.client.publish(TOPIC, payload, qos=self.qos, properties=_request_properties(self.topic, correlation, user))
+        self.client.publish(TOPIC, payload, qos=self.qos, properties=self.props)
         self._loop_until(lambda: self.reply is not None and self.reply.properties.CorrelationData == correlation)
 
     def close(self) -> None:
@@ -95,7 +97,7 @@ class ThreadedRequester:
     """The same round trip with paho's loop thread (loop_start): publish hands the
     packet to that thread, whose on_message wakes the caller."""
 
-    def __init__(self, port: int, qos: int) -> None:
+    def __init__(self, port: int, qos: int, user: list[tuple[str, str]]) -> None:
         self.qos = qos
         self.event = threading.Event()
         self.client = _client()
@@ -107,11 +109,12 @@ class ThreadedRequester:
         self.client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.topic = f"bench/replies/{uuid.uuid4().hex}"
         self.client.subscribe(self.topic, qos=qos)
+        self.props = _request_properties(self.topic, b"x", user)
         time.sleep(0.2)
 
-    def call(self, payload: bytes, user: list[tuple[str, str]]) -> None:
+    def call(self, payload: bytes) -> None:
         self.event.clear()
-        self.client.publish(TOPIC, payload, qos=self.qos, properties=_request_properties(self.topic, b"x", user))
+        self.client.publish(TOPIC, payload, qos=self.qos, properties=self.props)
         if not self.event.wait(10):
             raise TimeoutError("no MQTT response in 10 s")
 
@@ -192,9 +195,9 @@ def _rounds(broker_port: int, daemon_port: int) -> list[dict]:
 
     def mqtt_path(make, qos: int):
         def run_it() -> dict:
-            requester = make(broker_port, qos)
+            requester = make(broker_port, qos, user)
             try:
-                return measure(lambda: requester.call(payload, user), seconds=SECONDS)
+                return measure(lambda: requester.call(payload), seconds=SECONDS)
             finally:
                 requester.close()
         return run_it

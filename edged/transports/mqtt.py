@@ -36,16 +36,17 @@ from edged.dataplane import INLINE_MAX_BYTES, DataPlane, InferenceRequest, Infer
 from edged.errors import EdgedError, InvalidInput
 from edged.outbox import Outbox
 from edged.registry import ModelEntry
-from edged.tensors import v2_datatype
 from edged.transports.mqtt_codec import (  # noqa: F401 (decode_raw and response_topic_problem are re-exported)
-    JSON_CONTENT_TYPE, RAW_CONTENT_TYPE, decode_raw, reply_properties, response_topic_problem, user_properties,
+    JSON_CONTENT_TYPE, RAW_CONTENT_TYPE, RawReplyFields, decode_raw, pack_fields, reply_properties,
+    response_topic_problem, user_properties,
 )
 from edged.v2 import decode_request, encode_response
 
 log = logging.getLogger(__name__)
 
 INFLIGHT = 100  # outbox messages awaiting PUBACK at once
-Answer = tuple[bytes, str, list[tuple[str, str]]]  # payload, content type, user properties
+Answer = tuple[bytes, bytes]  # payload, packed Content Type and User Properties (mqtt_codec.pack_fields)
+JSON_FIELDS = pack_fields(JSON_CONTENT_TYPE, [])
 
 
 @dataclass
@@ -80,6 +81,7 @@ class MqttTransport:
         # Requests for models that answer within this run on paho's network thread, as
         # HTTP runs them on its event loop: no hop to a worker and back.
         self.inline_max_us = config.http.inline_max_us
+        self._raw_fields = RawReplyFields()
         # Owned by the drain thread only: paho's network thread just queues PUBACK mids
         # and connect events, so no lock is shared with paho's own message lock.
         self._inflight: dict[int, int] = {}  # paho mid -> outbox id
@@ -279,16 +281,16 @@ class MqttTransport:
         except Exception:  # never let one message kill the loop; no exception text goes out
             log.exception("MQTT request on %s failed", request_topic)
             answer = self._error("internal error (details are in the device's log)", "internal")
-        payload, content_type, user = answer
+        payload, fields = answer
         try:
-            props = reply_properties(content_type, user, reply.correlation)
+            props = reply_properties(fields, reply.correlation)
             self.client.publish(reply.topic, payload, qos=self.cfg.qos, properties=props)
         except (ValueError, TypeError) as exc:
             log.warning("MQTT reply to %s for %s could not be sent: %s", reply.topic, request_topic, exc)
 
     @staticmethod
     def _error(message: str, code: str) -> Answer:
-        return json.dumps({"error": message, "code": code}).encode(), JSON_CONTENT_TYPE, [("error_code", code)]
+        return json.dumps({"error": message, "code": code}).encode(), pack_fields(JSON_CONTENT_TYPE, [("error_code", code)])
 
     def _decode(self, model: str, payload: bytes, content_type: str, user: dict[str, str]) -> tuple[InferenceRequest, bool]:
         """The request and whether it is a raw tensor (else V2 JSON)."""
@@ -308,11 +310,9 @@ class MqttTransport:
     def _infer(self, request: InferenceRequest, raw: bool) -> Answer:
         response = self.dataplane.infer(request, "mqtt")
         if not raw:
-            return encode_response(response, set(), False)[0], JSON_CONTENT_TYPE, []
+            return encode_response(response, set(), False)[0], JSON_FIELDS
         name, array = next(iter(response.outputs.items()))
-        user = [("output", name), ("dtype", v2_datatype(array.dtype)), ("shape", ",".join(map(str, array.shape))),
-                ("model_version", response.version)]
-        return np.ascontiguousarray(array).tobytes(), RAW_CONTENT_TYPE, user
+        return np.ascontiguousarray(array).tobytes(), self._raw_fields.get(name, array.dtype, array.shape, response.version)
 
     # -- outbox -------------------------------------------------------------
     def _on_result(self, request: InferenceRequest, response: InferenceResponse, transport: str) -> None:
@@ -381,7 +381,7 @@ class MqttTransport:
                 return
             self._watch_acks(True)
             for message in batch:
-                props = reply_properties(json.loads(message.properties).get("content_type", JSON_CONTENT_TYPE), [], None)
+                props = reply_properties(pack_fields(json.loads(message.properties).get("content_type", JSON_CONTENT_TYPE), []), None)
                 info = self.client.publish(message.topic, message.payload, qos=message.qos,
                                            retain=message.retain, properties=props)
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:

@@ -18,7 +18,7 @@ from paho.mqtt.properties import Properties, VariableByteIntegers
 
 from edged.dataplane import InferenceRequest
 from edged.errors import InvalidInput
-from edged.tensors import V2_TO_NUMPY, numpy_dtype
+from edged.tensors import V2_TO_NUMPY, numpy_dtype, v2_datatype
 
 RAW_CONTENT_TYPE = "application/x-edged-tensor"
 JSON_CONTENT_TYPE = "application/json"
@@ -93,15 +93,45 @@ def _field(data: bytes) -> bytes:
     return len(data).to_bytes(2, "big") + data
 
 
-def pack_properties(content_type: str, user: list[tuple[str, str]], correlation: bytes | None) -> bytes:
-    """PUBLISH properties in MQTT v5 wire form: length, then each property."""
+def pack_fields(content_type: str, user: list[tuple[str, str]]) -> bytes:
+    """Content Type and User Properties in MQTT v5 wire form (no length prefix)."""
     parts = [CONTENT_TYPE_ID, _field(content_type.encode())]
     for key, value in user:
         parts += [USER_PROPERTY_ID, _field(key.encode()), _field(value.encode())]
+    return b"".join(parts)
+
+
+def pack_properties(content_type: str, user: list[tuple[str, str]], correlation: bytes | None) -> bytes:
+    """PUBLISH properties in MQTT v5 wire form: length, then each property."""
+    return finish_properties(pack_fields(content_type, user), correlation)
+
+
+def finish_properties(fields: bytes, correlation: bytes | None) -> bytes:
+    """``fields`` from pack_fields, the Correlation Data, and the length in front."""
     if correlation is not None:
-        parts += [CORRELATION_DATA_ID, _field(bytes(correlation))]
-    body = b"".join(parts)
-    return VariableByteIntegers.encode(len(body)) + body
+        fields += CORRELATION_DATA_ID + _field(bytes(correlation))
+    return VariableByteIntegers.encode(len(fields)) + fields
+
+
+class RawReplyFields:
+    """The packed Content Type and User Properties of raw tensor replies, kept per
+    output name, dtype, shape and model version: the same for every reply of a model
+    at a fixed batch size. Bounded; safe to share between threads."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._packed: dict[tuple[str, np.dtype, tuple[int, ...], str], bytes] = {}
+
+    def get(self, name: str, dtype: np.dtype, shape: tuple[int, ...], version: str) -> bytes:
+        key = (name, dtype, shape, version)
+        fields = self._packed.get(key)
+        if fields is None:
+            if len(self._packed) >= self.limit:
+                self._packed.clear()
+            user = [("output", name), ("dtype", v2_datatype(dtype)), ("shape", ",".join(map(str, shape))),
+                    ("model_version", version)]
+            fields = self._packed[key] = pack_fields(RAW_CONTENT_TYPE, user)
+        return fields
 
 
 class PackedProperties(Properties):
@@ -119,5 +149,6 @@ class PackedProperties(Properties):
         return f"[{len(self.packed)} bytes of packed properties]"
 
 
-def reply_properties(content_type: str, user: list[tuple[str, str]], correlation: bytes | None) -> Properties:
-    return PackedProperties(pack_properties(content_type, user, correlation))
+def reply_properties(fields: bytes, correlation: bytes | None) -> Properties:
+    """Properties for a reply: ``fields`` from pack_fields, with the request's Correlation Data."""
+    return PackedProperties(finish_properties(fields, correlation))

@@ -6,7 +6,9 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edged.transports.mqtt_codec import PackedProperties, pack_properties, reply_properties
+import numpy as np
+
+from edged.transports.mqtt_codec import PackedProperties, RawReplyFields, pack_fields, pack_properties, reply_properties
 
 
 def unpack(packed: bytes) -> Properties:
@@ -43,7 +45,21 @@ def test_a_value_over_the_mqtt_limit_is_refused():
 
 
 def test_reply_properties_are_paho_properties_that_pack_to_the_same_bytes():
-    props = reply_properties("application/json", [("error_code", "internal")], b"c")
+    props = reply_properties(pack_fields("application/json", [("error_code", "internal")]), b"c")
     assert isinstance(props, PackedProperties) and isinstance(props, Properties)
     assert props.pack() == pack_properties("application/json", [("error_code", "internal")], b"c")
     assert "bytes of packed properties" in str(props)
+
+
+def test_raw_reply_fields_describe_the_output_and_stay_bounded():
+    fields = RawReplyFields(limit=2)
+    packed = fields.get("logits", np.dtype("float32"), (1, 10), "1.0.0")
+    props = unpack(reply_properties(packed, b"id").pack())
+    assert props.ContentType == "application/x-edged-tensor" and props.CorrelationData == b"id"
+    assert props.UserProperty == [("output", "logits"), ("dtype", "FP32"), ("shape", "1,10"), ("model_version", "1.0.0")]
+    assert fields.get("logits", np.dtype("float32"), (1, 10), "1.0.0") is packed  # kept
+    other = unpack(reply_properties(fields.get("y", np.dtype("int8"), (4, 3), "2"), None).pack())
+    assert dict(other.UserProperty) == {"output": "y", "dtype": "INT8", "shape": "4,3", "model_version": "2"}
+    fields.get("z", np.dtype("uint8"), (), "2")  # over the limit: starts afresh
+    assert len(fields._packed) == 1
+    assert dict(unpack(reply_properties(fields.get("z", np.dtype("uint8"), (), "2"), None).pack()).UserProperty)["shape"] == ""
