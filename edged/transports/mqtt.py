@@ -290,7 +290,8 @@ class MqttTransport:
 
     @staticmethod
     def _error(message: str, code: str) -> Answer:
-        return json.dumps({"error": message, "code": code}).encode(), pack_fields(JSON_CONTENT_TYPE, [("error_code", code)])
+        body = json.dumps({"error": message, "code": code}).encode()
+        return body, pack_fields(JSON_CONTENT_TYPE, [("error_code", code)])
 
     def _decode(self, model: str, payload: bytes, content_type: str, user: dict[str, str]) -> tuple[InferenceRequest, bool]:
         """The request and whether it is a raw tensor (else V2 JSON)."""
@@ -312,7 +313,8 @@ class MqttTransport:
         if not raw:
             return encode_response(response, set(), False)[0], JSON_FIELDS
         name, array = next(iter(response.outputs.items()))
-        return np.ascontiguousarray(array).tobytes(), self._raw_fields.get(name, array.dtype, array.shape, response.version)
+        fields = self._raw_fields.get(name, array.dtype, array.shape, response.version)
+        return np.ascontiguousarray(array).tobytes(), fields
 
     # -- outbox -------------------------------------------------------------
     def _on_result(self, request: InferenceRequest, response: InferenceResponse, transport: str) -> None:
@@ -381,7 +383,8 @@ class MqttTransport:
                 return
             self._watch_acks(True)
             for message in batch:
-                props = reply_properties(pack_fields(json.loads(message.properties).get("content_type", JSON_CONTENT_TYPE), []), None)
+                content_type = json.loads(message.properties).get("content_type", JSON_CONTENT_TYPE)
+                props = reply_properties(pack_fields(content_type, []), None)
                 info = self.client.publish(message.topic, message.payload, qos=message.qos,
                                            retain=message.retain, properties=props)
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:
