@@ -106,14 +106,30 @@ def summary(rows: list[Row]) -> list[str]:
     named = sum(r.outcome in ("refused", "gate failed", "collapsed") and any(k in r.detail for k in hints)
                 for r in refused)
     share = passed / pairs if pairs else 0.0
+    slow = [r for r in rows if r.has_bundle and _not_faster(r)]
+    told = sum(bool(r.speed_note) for r in slow)
     return [
         f"**{passed} of {pairs} model × profile pairs ({100 * share:.0f} %) yield a bundle that passes a gate fitting "
         f"its output, measured over HTTP against fp32** (goal ≥ {100 * GOAL:.0f} %: "
         f"{'met' if share >= GOAL else 'not met'}); {as_is} of them served as is (`edged bundle create`). "
         f"{bundles} bundles written, {bundles - passed} of them failing the gate over HTTP. "
         f"{len(refused)} pairs without a bundle; the error of {named} of them names what to do instead "
-        "(another profile, `edged bundle create`, a `--task`/threshold, an install).",
+        "(another profile, `edged bundle create`, a `--task`/threshold, an install). "
+        f"{len(slow)} written bundles are not faster than fp32 in their report's timing; the report of {told} of "
+        "them says so in one line (`speed_note`).",
     ]
+
+
+def _not_faster(row: Row) -> bool:
+    """The bundle's p50 is not below fp32's: on the same runtime, else (*) against the source."""
+    same = row.same_runtime or {}
+    if same.get("chosen_vs_fp32") is not None and same.get("fp32"):
+        return float(same["chosen_vs_fp32"]) >= 1.0 and same.get("chosen", {}).get("label") != "fp32" and \
+            "fp32" not in row.precision
+    try:
+        return row.latency_ms["converted"]["p50"] >= row.latency_ms["source"]["p50"]
+    except (KeyError, TypeError):
+        return False
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -64,6 +64,7 @@ class Row:
     latency_setup: str = ""
     same_runtime: dict[str, Any] = field(default_factory=dict)  # the report's latency_same_runtime
     auto: str = ""  # precision auto: what was chosen and why
+    speed_note: str = ""  # the report's line when the bundle is not faster than fp32
     size_bytes: int | None = None
     source_bytes: int | None = None
     report_gate: str = ""
@@ -224,6 +225,7 @@ def _from_report(row: Row, bundle_dir: Path) -> None:
     row.source_bytes = report.get("size_bytes", {}).get("source")
     row.report_gate = "; ".join(v["text"] for v in report["gate"]["verdicts"])
     row.detail = "; ".join(report.get("notes", []))
+    row.speed_note = report.get("speed_note", "")
     open_bundle(bundle_dir)  # hashes verified, as `edged bundle verify` does
 
 
