@@ -1,8 +1,12 @@
 """Section "core": bare runtime loop vs the daemon over HTTP (tritonclient),
-cold start and RSS. Everything in one run, so ratios are comparable."""
+edged's own cost per request over a trivial aiohttp handler, cold start and RSS.
+Everything in one run, so ratios are comparable."""
 
 from __future__ import annotations
 
+import os
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,6 +65,73 @@ def _raw_binary_call(port: int, name: str, x: np.ndarray):
     return call
 
 
+# The baseline for edged's own cost: the least an aiohttp server can do for the same
+# binary request (read the whole body, answer a fixed small binary response).
+TRIVIAL_APP = """
+import sys
+from aiohttp import web
+
+HEAD = b'{"model_name":"m","model_version":"1","outputs":[{"name":"logits","datatype":"FP32","shape":[1,10],"parameters":{"binary_data_size":40}}]}'
+BODY = HEAD + bytes(40)
+HEADERS = {"Inference-Header-Content-Length": str(len(HEAD)), "Content-Type": "application/octet-stream"}
+
+
+async def infer(request):
+    await request.read()
+    return web.Response(body=BODY, headers=HEADERS)
+
+
+app = web.Application()
+app.router.add_post("/v2/models/{model}/infer", infer)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, handle_signals=True)
+"""
+OWN_COST_ROUNDS = 6  # interleaved edged / trivial rounds per model
+OWN_COST_ROUND_S = 1.0
+
+
+def _start_trivial() -> tuple[subprocess.Popen, int]:
+    """The trivial aiohttp app in its own process on loopback; (process, port)."""
+    from tests.helpers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", TRIVIAL_APP, str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the trivial aiohttp app exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the trivial aiohttp app did not listen within 60 s")
+
+
+def _own_cost(daemon_port: int, trivial_port: int, name: str, x: np.ndarray) -> dict:
+    """edged and the trivial app, timed with the same raw http.client caller in
+    interleaved rounds (the order flips every round); own cost = the median over
+    rounds of edged p50 - trivial p50, each round's pair measured back to back."""
+    edged_p50, trivial_p50, loads = [], [], []
+    for round_ in range(OWN_COST_ROUNDS):
+        pair = {}
+        order = ("edged", "trivial") if round_ % 2 == 0 else ("trivial", "edged")
+        for which in order:
+            port = daemon_port if which == "edged" else trivial_port
+            pair[which] = measure(_raw_binary_call(port, name, x), seconds=OWN_COST_ROUND_S)["p50_us"]
+        edged_p50.append(pair["edged"])
+        trivial_p50.append(pair["trivial"])
+        loads.append(os.getloadavg()[0])
+    return {
+        "edged_p50_us": round(statistics.median(edged_p50), 1),
+        "trivial_p50_us": round(statistics.median(trivial_p50), 1),
+        "own_p50_us": round(statistics.median(e - t for e, t in zip(edged_p50, trivial_p50)), 1),
+        "rounds": OWN_COST_ROUNDS,
+        "load_avg": [round(v, 2) for v in loads],
+    }
+
+
 def _cold_start(tmp: Path) -> float:
     start = time.perf_counter()
     daemon = start_daemon(tmp, DEMO_BUNDLES)
@@ -78,6 +149,7 @@ def run() -> dict:
         tmp_path = Path(tmp)
         results["cold_start_s"] = round(min(_cold_start(tmp_path / f"cold{i}") for i in range(3)), 3)
         daemon = start_daemon(tmp_path / "bench", DEMO_BUNDLES)
+        trivial, trivial_port = _start_trivial()
         try:
             results["rss_mb_three_models"] = round(_rss_mb(daemon.proc.pid), 1)
             for name in DEMO_MODELS:
@@ -101,9 +173,12 @@ def run() -> dict:
 
                         row[f"{mode}_c{concurrency}"] = measure(call, concurrency=concurrency)
                 row["raw_binary_c1"] = measure(_raw_binary_call(daemon.port, name, x))
+                row["own_cost"] = _own_cost(daemon.port, trivial_port, name, x)
                 row["overhead_p50_us"] = round(row["http_binary_c1"]["p50_us"] - row["bare"]["p50_us"], 1)
                 results["models"][name] = row
         finally:
+            trivial.terminate()
+            trivial.wait(timeout=30)
             daemon.stop()
     return results
 
@@ -115,14 +190,20 @@ def markdown(results: dict) -> str:
         "Bare loop: the backend's own infer call in-process, 1 thread, batch 1. HTTP: the daemon "
         "as a subprocess, tritonclient.http from this process (c = client threads).",
         "",
-        "| model | bare p50 µs | HTTP binary p50/p99 µs | HTTP JSON p50/p99 µs | binary req/s c1 / c4 | JSON req/s c1 / c4 | overhead p50 µs | raw http.client binary p50 µs |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | bare p50 µs | HTTP binary p50/p99 µs | HTTP JSON p50/p99 µs | binary req/s c1 / c4 | JSON req/s c1 / c4 "
+        "| overhead p50 µs | raw http.client binary p50 µs | edged / trivial p50 µs (interleaved) | own cost p50 µs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    loads: list[float] = []
     for name, r in results["models"].items():
         b1, j1 = r["http_binary_c1"], r["http_json_c1"]
+        own = r.get("own_cost")
+        own_cells = (f"{own['edged_p50_us']} / {own['trivial_p50_us']} | {own['own_p50_us']}" if own else "- | -")
+        loads += own["load_avg"] if own else []
         lines.append(
             f"| {name} | {r['bare']['p50_us']} | {b1['p50_us']} / {b1['p99_us']} | {j1['p50_us']} / {j1['p99_us']} | "
-            f"{b1['rps']} / {r['http_binary_c4']['rps']} | {j1['rps']} / {r['http_json_c4']['rps']} | {r['overhead_p50_us']} | {r['raw_binary_c1']['p50_us']} |"
+            f"{b1['rps']} / {r['http_binary_c4']['rps']} | {j1['rps']} / {r['http_json_c4']['rps']} | {r['overhead_p50_us']} | "
+            f"{r['raw_binary_c1']['p50_us']} | {own_cells} |"
         )
     lines += [
         "",
@@ -130,6 +211,11 @@ def markdown(results: dict) -> str:
         f"- RSS with the three demo models loaded: {results['rss_mb_three_models']} MB (target ≤ 150 MB)",
         "- Overhead target: p50(HTTP binary) − p50(bare) ≤ 250 µs. The tritonclient figure includes the client's "
         "own cost (gevent); the raw http.client column is the same binary request from a minimal keep-alive client.",
+        "- Own cost: edged's p50 minus the p50 of a trivial aiohttp handler (a separate process on the same loopback that "
+        "reads the body and answers a fixed small binary response), both timed with the same raw http.client caller in "
+        f"{OWN_COST_ROUNDS} interleaved rounds of {OWN_COST_ROUND_S:g} s; the median over rounds of each round's difference "
+        "(target ≤ 60 µs for digits-onnx)."
+        + (f" Load average over those rounds: {min(loads):.2f} to {max(loads):.2f}." if loads else ""),
         "",
     ]
     return "\n".join(lines)

@@ -30,7 +30,7 @@ NUMPY_TO_V2: dict[str, str] = {v: k for k, v in V2_TO_NUMPY.items()}
 # The same maps keyed by dtype object, built once: ``np.dtype(x).name`` costs
 # microseconds per call, and the request path asks for every tensor.
 _V2_BY_DTYPE: dict[np.dtype, str] = {np.dtype(v): k for k, v in V2_TO_NUMPY.items()}
-_DTYPE_BY_V2: dict[str, np.dtype] = {k: np.dtype(v) for k, v in V2_TO_NUMPY.items()}
+NUMPY_DTYPES: dict[str, np.dtype] = {k: np.dtype(v) for k, v in V2_TO_NUMPY.items()}
 
 
 def v2_datatype(dtype: str | np.dtype) -> str:
@@ -47,7 +47,7 @@ def v2_datatype(dtype: str | np.dtype) -> str:
 
 def numpy_dtype(datatype: str) -> np.dtype:
     """The numpy dtype of a V2 datatype name, with a clear error."""
-    dtype = _DTYPE_BY_V2.get(datatype) if isinstance(datatype, str) else None
+    dtype = NUMPY_DTYPES.get(datatype) if isinstance(datatype, str) else None
     if dtype is None:
         raise InvalidInput(
             f"unknown datatype {datatype!r}; expected one of {', '.join(V2_TO_NUMPY)}"

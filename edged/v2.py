@@ -16,7 +16,7 @@ import numpy as np
 
 from edged.dataplane import InferenceRequest, InferenceResponse
 from edged.errors import InvalidInput
-from edged.tensors import numpy_dtype, v2_datatype
+from edged.tensors import NUMPY_DTYPES, numpy_dtype, v2_datatype
 
 try:  # orjson, as MLServer uses: several times faster, numpy arrays serialized in C
     import orjson
@@ -37,12 +37,12 @@ class DecodedRequest:
     all_binary: bool  # binary_data_output: every output as binary
 
 
-def loads(raw: bytes | str) -> Any:
+def loads(raw: bytes | bytearray | memoryview | str) -> Any:
     """Parse JSON; InvalidInput (never a RecursionError) for anything malformed."""
     try:
         if orjson is not None:
             return orjson.loads(raw)
-        return json.loads(raw)
+        return json.loads(bytes(raw) if isinstance(raw, memoryview) else raw)
     except RecursionError:
         raise InvalidInput("malformed JSON in request body: nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:  # orjson.JSONDecodeError and json's are ValueErrors
@@ -72,12 +72,15 @@ def parse_json_object(raw: bytes, expected: str = "a JSON object with an 'inputs
     return data
 
 
-def _object(value: Any, where: str) -> dict[str, Any]:
-    """``value`` as a JSON object (None -> {}), or InvalidInput naming ``where``."""
+def _object(value: Any, where: str | Callable[[], str]) -> dict[str, Any]:
+    """``value`` as a JSON object (None -> {}), or InvalidInput naming ``where``
+    (a callable when the name costs an f-string: made only on the error path)."""
+    if type(value) is dict:
+        return value
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise InvalidInput(f"{where} must be a JSON object, got {type(value).__name__}")
+        raise InvalidInput(f"{where() if callable(where) else where} must be a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -217,10 +220,10 @@ def decode_request(model: str, version: str | None, body: bytes, header_length: 
                 f"{HEADER_LENGTH} is {header_length} but the body has only {len(body)} bytes"
             )
         data = parse_request_json(body[:header_length])
-        binary = memoryview(body)[header_length:]
+        start, end = header_length, len(body)
     else:
         data = parse_request_json(body)
-        binary = memoryview(b"")
+        start = end = 0
     raw_inputs = data.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("request must have a non-empty 'inputs' list")
@@ -234,16 +237,18 @@ def decode_request(model: str, version: str | None, body: bytes, header_length: 
             raise InvalidInput(f"input {name} is given twice")
         shape = _shape(tensor, name)
         datatype = tensor.get("datatype")
-        if not isinstance(datatype, str):
-            raise InvalidInput(f"input {name}: missing 'datatype'")
-        if datatype == "BYTES":
-            raise InvalidInput(f"input {name}: datatype BYTES is not supported; send a numeric tensor")
-        try:
-            dtype = numpy_dtype(datatype)
-        except InvalidInput as exc:
-            raise InvalidInput(f"input {name}: {exc}") from None
+        dtype = NUMPY_DTYPES.get(datatype) if type(datatype) is str else None
+        if dtype is None:
+            if not isinstance(datatype, str):
+                raise InvalidInput(f"input {name}: missing 'datatype'")
+            if datatype == "BYTES":
+                raise InvalidInput(f"input {name}: datatype BYTES is not supported; send a numeric tensor")
+            try:
+                dtype = numpy_dtype(datatype)
+            except InvalidInput as exc:
+                raise InvalidInput(f"input {name}: {exc}") from None
         count = math.prod(shape)
-        params = _object(tensor.get("parameters"), f"input {name}: 'parameters'")
+        params = _object(tensor.get("parameters"), lambda: f"input {name}: 'parameters'")
         if "binary_data_size" in params:
             size = params["binary_data_size"]
             expected = count * dtype.itemsize
@@ -251,13 +256,17 @@ def decode_request(model: str, version: str | None, body: bytes, header_length: 
                 raise InvalidInput(
                     f"input {name}: binary_data_size is {size!r} but shape {list(shape)} of {datatype} needs {expected} bytes"
                 )
-            if offset + size > len(binary):
+            if start + offset + size > end:
                 raise InvalidInput(
                     f"input {name}: needs {size} bytes of binary data at offset {offset}, "
-                    f"but only {len(binary) - offset} remain"
+                    f"but only {end - start - offset} remain"
                 )
-            array = np.frombuffer(binary[offset:offset + size], dtype=dtype)
+            try:  # a view into the body, shaped at once: no copy
+                inputs[name] = np.ndarray(shape, dtype, body, start + offset) if count else np.empty(shape, dtype)
+            except (ValueError, TypeError):
+                raise InvalidInput(f"input {name}: shape {list(shape)} is not a valid array shape") from None
             offset += size
+            continue
         else:
             if "data" not in tensor:
                 raise InvalidInput(f"input {name}: has neither 'data' nor parameters.binary_data_size")
@@ -270,9 +279,9 @@ def decode_request(model: str, version: str | None, body: bytes, header_length: 
             inputs[name] = array.reshape(shape)
         except ValueError:
             raise InvalidInput(f"input {name}: shape {list(shape)} is not a valid array shape") from None
-    if offset != len(binary):
+    if offset != end - start:
         raise InvalidInput(
-            f"request has {len(binary)} bytes of binary data but inputs declare {offset}"
+            f"request has {end - start} bytes of binary data but inputs declare {offset}"
         )
     params = _object(data.get("parameters"), "request 'parameters'")
     all_binary = bool(params.get("binary_data_output", False))
@@ -287,7 +296,7 @@ def decode_request(model: str, version: str | None, body: bytes, header_length: 
             if not isinstance(out, dict) or not isinstance(out.get("name"), str):
                 raise InvalidInput("each requested output must be an object with a 'name'")
             requested.append(out["name"])
-            if _object(out.get("parameters"), f"output {out['name']}: 'parameters'").get("binary_data", False):
+            if _object(out.get("parameters"), lambda: f"output {out['name']}: 'parameters'").get("binary_data", False):
                 binary_outputs.add(out["name"])
     request_id = data.get("id")
     if request_id is not None and (not isinstance(request_id, (str, int, float)) or isinstance(request_id, bool)):
@@ -316,7 +325,7 @@ def encode_response(response: InferenceResponse, binary_outputs: set[str], all_b
     for name, array in response.outputs.items():
         entry: dict[str, Any] = {"name": name, "datatype": v2_datatype(array.dtype), "shape": list(array.shape)}
         if all_binary or name in binary_outputs:
-            blob = np.ascontiguousarray(array).tobytes()
+            blob = array.tobytes()  # C order whatever the array's layout
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
