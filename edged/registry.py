@@ -258,11 +258,19 @@ class ModelRegistry:
         return sorted({e.name for e in self.index()})
 
     def versions(self, name: str) -> list[ModelEntry]:
-        return [e for e in self.index() if e.name == name]
+        """The versions of ``name``, oldest first (only this name's entries are sorted)."""
+        with self._lock:
+            entries = [e for e in self._entries.values() if e.name == name]
+        return sorted(entries, key=lambda e: _version_key(e.version))
 
     # -- lookup -----------------------------------------------------------
     def get(self, name: str, version: str | None = None) -> ModelEntry:
         """The entry for name/version; without a version, the newest ready one."""
+        if version:
+            with self._lock:
+                found = self._entries.get((name, version))
+            if found is not None:
+                return found
         entries = self.versions(name)
         if not entries:
             raise ModelNotFound(f"unknown model {name!r}; known models: {', '.join(self.names()) or 'none'}")
