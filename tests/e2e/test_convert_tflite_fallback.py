@@ -83,3 +83,16 @@ def test_int8_passing_is_timed_against_the_fp32_tflite_twin(melspec, tmp_path):
     assert ("speed_note" in report) == (same["int8_vs_fp32"] >= 1.0)
     if "speed_note" in report:
         assert "fp32 on TFLite" in report["speed_note"]
+
+
+def test_auto_on_a_tflite_profile_builds_the_float_twins_as_candidates(melspec, tmp_path):
+    proc = convert(melspec, tmp_path / "out", "--precision", "auto")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = report_of(tmp_path / "out" / "mel")
+    auto = report["precision_auto"]
+    rows = {row["label"]: row for row in auto["candidates"]}
+    assert {"int8", "fp16", "fp32"} <= set(rows)
+    assert all(row["latency_ms"]["calls"] > 0 for row in rows.values())  # timed on TFLite, interleaved
+    assert rows[auto["chosen"]]["passed"] and report["gate"]["passed"] and report["runtime"] == "tflite"
+    assert report["precision"] == rows[auto["chosen"]]["precision"]
+    assert report["latency_same_runtime"]["runtime"] == "tflite"
