@@ -245,9 +245,10 @@ def _float_slower(report: dict[str, Any], block: dict[str, Any], runtime: str, f
     """A shipped fp16 (e.g. the accuracy fallback) that timed slower than fp32
     on the same runtime: one line saying so."""
     ratio = block.get("chosen_vs_fp32")
-    if report.get("precision") != "fp16" or ratio is None or ratio < 1.05 or block["chosen"]["label"] == fp32_label:
+    if report.get("precision") != "fp16" or ratio is None or ratio < 1.0 or block["chosen"]["label"] == fp32_label:
         return
-    report["speed_note"] = (f"fp16 is {ratio:.2f}x slower than fp32 on {RUNTIME_NAMES.get(runtime, runtime)} here "
+    what = f"{ratio:.2f}x slower than" if ratio >= 1.05 else f"not faster than ({ratio:.2f}x the latency of)"
+    report["speed_note"] = (f"fp16 is {what} fp32 on {RUNTIME_NAMES.get(runtime, runtime)} here "
                             "(fp16 halves the size; the device may differ)")
 
 
