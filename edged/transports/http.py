@@ -17,9 +17,8 @@ from edged.auth import Access, TokenStore, check_access, tls_context
 from edged.config import HttpConfig
 from edged.dataplane import DataPlane
 from edged.errors import EdgedError, InvalidInput, PayloadTooLarge
-from edged.registry import ModelEntry
 from edged.http_limits import (
-    ConnectionGate, Hold, InflightBudget, RateLimitFilter, RequestTimeout, effective_max_connections, malloc_trim,
+    ConnectionGate, InflightBudget, RateLimitFilter, RequestTimeout, effective_max_connections, malloc_trim,
 )
 from edged.v2 import HEADER_LENGTH, decode_request, dumps, encode_response, parse_json_object, response_bytes
 
@@ -44,6 +43,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "config_invalid": 500,
     "internal": 500,
 }
+BINARY_TYPE = "application/octet-stream"
 OFFLOAD_BYTES = 64 * 1024  # bodies and responses bigger than this are decoded/encoded in a worker thread
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -285,20 +285,29 @@ class HttpTransport:
         return _json({"result": result}, 202)
 
     # -- inference --------------------------------------------------------
-    async def _read(self, request: web.Request) -> bytearray:
-        """The whole body, read chunk by chunk: each chunk must come within
-        http.body_timeout_s, and the total within http.max_body_bytes."""
+    def _body_now(self, request: web.Request) -> bytearray | None:
+        """The whole body when it has all arrived already (no wait, so no timer), else
+        None; PayloadTooLarge when it is over http.max_body_bytes."""
         length = request.content_length
         if length is not None and length > self.max_body_bytes:
             raise PayloadTooLarge(
                 f"request body is {length} bytes; the limit is {self.max_body_bytes} (http.max_body_bytes)"
             )
         content = request.content
-        if content.is_eof():  # the whole body is here already: no wait, so no timer
-            body = bytearray(content.read_nowait())
-            if len(body) > self.max_body_bytes:
-                raise PayloadTooLarge(f"request body is over the limit of {self.max_body_bytes} bytes (http.max_body_bytes)")
+        if not content.is_eof():
+            return None
+        body = bytearray(content.read_nowait())
+        if len(body) > self.max_body_bytes:
+            raise PayloadTooLarge(f"request body is over the limit of {self.max_body_bytes} bytes (http.max_body_bytes)")
+        return body
+
+    async def _read(self, request: web.Request) -> bytearray:
+        """The whole body, read chunk by chunk: each chunk must come within
+        http.body_timeout_s, and the total within http.max_body_bytes."""
+        body = self._body_now(request)
+        if body is not None:
             return body
+        content = request.content
         body = bytearray()
         timeout = self.settings.body_timeout_s
         while True:
@@ -335,34 +344,29 @@ class HttpTransport:
         # tensors and response as they are made; 503 when it is not there.
         hold = self.budget.hold(min(request.content_length or self.max_body_bytes, self.max_body_bytes))
         try:
-            return await self._infer(request, entry, header_length, hold)
+            body = self._body_now(request)
+            if body is None:
+                body = await self._read(request)
+            args = (info["model"], info.get("version"), body, header_length, hold.take)
+            decoded = decode_request(*args) if len(body) <= OFFLOAD_BYTES else await self._codec(
+                "decode", len(body), decode_request, *args)
+            del body, args  # the tensors may still point into it (binary data); the rest can go
+            dataplane = self.dataplane
+            if dataplane.runs_inline(decoded.request, self.inline_max_us, entry):
+                self.m_inline.inc()
+                response = dataplane.infer(decoded.request, "http", entry)
+            else:
+                response = await self._offload(dataplane.infer, decoded.request, "http", entry)
+            size = response_bytes(response)
+            hold.take(size * 4)  # JSON text of numbers takes up to ~4x their binary size
+            if size <= OFFLOAD_BYTES:
+                payload, json_length = encode_response(response, decoded.binary_outputs, decoded.all_binary)
+            else:
+                payload, json_length = await self._codec(
+                    "encode", size, encode_response, response, decoded.binary_outputs, decoded.all_binary)
         finally:
             if hold.release():  # memory goes back to the OS once big requests are done
                 asyncio.get_running_loop().run_in_executor(self.executor, self._trim)
-
-    async def _infer(self, request: web.Request, entry: ModelEntry, header_length: int | None, hold: Hold) -> web.Response:
-        info = request.match_info
-        body = await self._read(request)
-        args = (info["model"], info.get("version"), body, header_length, hold.take)
-        decoded = decode_request(*args) if len(body) <= OFFLOAD_BYTES else await self._codec(
-            "decode", len(body), decode_request, *args)
-        del body, args  # the tensors may still point into it (binary data); the rest can go
-        dataplane = self.dataplane
-        if dataplane.runs_inline(decoded.request, self.inline_max_us, entry):
-            self.m_inline.inc()
-            response = dataplane.infer(decoded.request, "http", entry)
-        else:
-            response = await self._offload(dataplane.infer, decoded.request, "http", entry)
-        size = response_bytes(response)
-        hold.take(size * 4)  # JSON text of numbers takes up to ~4x their binary size
-        if size <= OFFLOAD_BYTES:
-            payload, json_length = encode_response(response, decoded.binary_outputs, decoded.all_binary)
-        else:
-            payload, json_length = await self._codec(
-                "encode", size, encode_response, response, decoded.binary_outputs, decoded.all_binary)
         if json_length is None:
             return web.Response(body=payload, content_type="application/json")
-        return web.Response(
-            body=payload,
-            headers={HEADER_LENGTH: str(json_length), "Content-Type": "application/octet-stream"},
-        )
+        return web.Response(body=payload, headers={HEADER_LENGTH: str(json_length), "Content-Type": BINARY_TYPE})

@@ -44,3 +44,17 @@ def test_concurrency_limit_queues_then_refuses(plane):
 def test_unknown_model(plane):
     with pytest.raises(ModelNotFound, match="known models: tiny"):
         plane.infer(InferenceRequest(model="nope", inputs={}), "test")
+
+
+def test_entry_from_check_model_is_used_and_every_request_counted(plane):
+    entry = plane.check_model("tiny")
+    request = InferenceRequest(model="tiny", inputs={"input": np.ones((1, 4), np.float32)})
+    for _ in range(3):
+        assert plane.infer(request, "test", entry).version == "1.0.0"
+    plane.infer(request, "other")
+    text = plane.metrics.exposition().decode()
+    assert 'edged_inference_requests_total{model="tiny",transport="test",version="1.0.0"} 3.0' in text
+    assert 'edged_inference_requests_total{model="tiny",transport="other",version="1.0.0"} 1.0' in text
+    assert 'edged_inference_duration_seconds_count{model="tiny",runtime="onnx",version="1.0.0"} 4.0' in text
+    assert 'edged_queue_duration_seconds_count{model="tiny",version="1.0.0"} 4.0' in text
+    assert 'edged_queue_depth{model="tiny",version="1.0.0"} 0.0' in text

@@ -51,3 +51,31 @@ def test_encode_binary_and_json_outputs():
     assert length is None and json.loads(body)["outputs"][0]["data"] == [1.5, 2.5]
     body, length = encode_response(resp, {"y"}, False)
     assert np.frombuffer(body[length:], np.float32).tolist() == [1.5, 2.5]
+
+
+def test_binary_inputs_are_shaped_views_of_the_body():
+    a = np.arange(6, dtype=np.float32)
+    b = np.arange(4, dtype=np.int16)
+    head = json.dumps({"inputs": [
+        {"name": "a", "shape": [2, 3], "datatype": "FP32", "parameters": {"binary_data_size": a.nbytes}},
+        {"name": "e", "shape": [0, 3], "datatype": "FP32", "parameters": {"binary_data_size": 0}},
+        {"name": "b", "shape": [4], "datatype": "INT16", "parameters": {"binary_data_size": b.nbytes}},
+    ]}).encode()
+    body = bytearray(head + a.tobytes() + b.tobytes())
+    inputs = decode_request("m", None, body, len(head)).request.inputs
+    np.testing.assert_array_equal(inputs["a"], a.reshape(2, 3))
+    np.testing.assert_array_equal(inputs["b"], b)
+    assert inputs["e"].shape == (0, 3) and inputs["e"].dtype == np.float32
+    assert inputs["a"].flags.writeable  # a runtime may write into its input, as before
+    assert np.shares_memory(inputs["a"], np.frombuffer(body, np.uint8))  # no copy of the tensor bytes
+
+
+def test_datatype_maps_accept_dtype_objects_and_names():
+    from edged.tensors import numpy_dtype, v2_datatype
+
+    assert v2_datatype(np.dtype("float32")) == v2_datatype("float32") == v2_datatype(np.dtype(">f4")) == "FP32"
+    assert numpy_dtype("FP16") == np.dtype("float16")
+    with pytest.raises(InvalidInput, match="no KServe V2 datatype"):
+        v2_datatype(np.dtype("complex64"))
+    with pytest.raises(InvalidInput, match="unknown datatype"):
+        numpy_dtype(["FP32"])  # type: ignore[arg-type]
