@@ -17,7 +17,7 @@ import numpy as np
 from edged import __version__
 from edged.config import Config
 from edged.errors import EdgedError, InferenceFailed, InvalidInput, ModelNotReady, UpdateRefused
-from edged.metrics import Metrics
+from edged.metrics import Metrics, fast_inc, fast_observe
 from edged.registry import ModelEntry, ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -46,17 +46,18 @@ class InferenceResponse:
 
 @dataclass
 class ModelSeries:
-    """The metric children (one label set) that every inference of a model version touches."""
+    """What every inference of a model version does to its metrics, resolved once:
+    ``labels()`` takes a lock and builds a tuple on every call."""
 
-    queue_depth: Any
-    queue_time: Any
-    latency: Any
+    depth: Callable[[float], None]  # +1 when a request starts waiting for a slot, -1 when it is done
+    queue_time: Callable[[float], None]
+    latency: Callable[[float], None]
 
     @classmethod
     def of(cls, metrics: Metrics, name: str, version: str, runtime: str) -> "ModelSeries":
-        return cls(queue_depth=metrics.queue_depth.labels(name, version),
-                   queue_time=metrics.queue_time.labels(name, version),
-                   latency=metrics.latency.labels(name, version, runtime))
+        return cls(depth=fast_inc(metrics.queue_depth.labels(name, version)),
+                   queue_time=fast_observe(metrics.queue_time.labels(name, version)),
+                   latency=fast_observe(metrics.latency.labels(name, version, runtime)))
 
 
 class DataPlane:
@@ -71,7 +72,7 @@ class DataPlane:
         self.ota: Any = None  # edged.ota.updater.Updater when [ota] is enabled
         # Called with (request, response, transport) after each successful inference.
         self.result_listeners: list[Callable[[InferenceRequest, InferenceResponse, str], None]] = []
-        self._request_counters: dict[tuple[str, str, str], Any] = {}
+        self._request_counters: dict[tuple[str, str, str], Callable[[float], None]] = {}
         self._model_series: dict[tuple[str, str, str], ModelSeries] = {}
 
     # -- lifecycle --------------------------------------------------------
@@ -137,7 +138,7 @@ class DataPlane:
             if entry is None:
                 entry = self.registry.get(request.model, request.version)
             version_label = entry.version
-            self._requests(entry.name, version_label, transport).inc()
+            self._requests(entry.name, version_label, transport)(1)
             try:
                 response = self._run(entry, request)
             except ModelNotReady:
@@ -173,17 +174,16 @@ class DataPlane:
             return False
         return sum(a.nbytes for a in request.inputs.values()) <= INLINE_MAX_BYTES
 
-    def _requests(self, model: str, version: str, transport: str) -> Any:
-        """The request counter's child for these labels, resolved once."""
+    def _requests(self, model: str, version: str, transport: str) -> Callable[[float], None]:
+        """The request counter's increment for these labels, resolved once."""
         key = (model, version, transport)
-        child = self._request_counters.get(key)
-        if child is None:
-            child = self._request_counters[key] = self.metrics.requests.labels(model, version, transport)
-        return child
+        inc = self._request_counters.get(key)
+        if inc is None:
+            inc = self._request_counters[key] = fast_inc(self.metrics.requests.labels(model, version, transport))
+        return inc
 
     def _series(self, entry: ModelEntry) -> ModelSeries:
-        """The metric children of one model version, resolved once (``labels()``
-        takes a lock and builds a tuple on every call)."""
+        """The metrics of one model version (and runtime), resolved once."""
         key = (entry.name, entry.version, entry.runtime)
         series = self._model_series.get(key)
         if series is None:
@@ -192,17 +192,17 @@ class DataPlane:
 
     def _run(self, entry: ModelEntry, request: InferenceRequest) -> InferenceResponse:
         series = self._series(entry)
-        series.queue_depth.inc()
+        series.depth(1)
         try:
             if entry.batcher is not None:  # validates, waits for its batch, counts; raises EdgedError
                 done = entry.batcher.infer(request.inputs)
-                series.queue_time.observe(done.queued_s)
-                series.latency.observe(done.run_s)
+                series.queue_time(done.queued_s)
+                series.latency(done.run_s)
                 outputs = done.outputs
             else:
                 model, waited = entry.acquire()
                 try:
-                    series.queue_time.observe(waited)
+                    series.queue_time(waited)
                     start = time.perf_counter()
                     try:
                         outputs = model.infer(request.inputs)
@@ -218,11 +218,11 @@ class DataPlane:
                     entry.count(ok=True)
                     elapsed = time.perf_counter() - start
                     entry.note_latency(elapsed)
-                    series.latency.observe(elapsed)
+                    series.latency(elapsed)
                 finally:
                     entry.release()
         finally:
-            series.queue_depth.dec()
+            series.depth(-1)
         if request.outputs:
             unknown = [n for n in request.outputs if n not in outputs]
             if unknown:

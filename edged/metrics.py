@@ -7,7 +7,7 @@ Pushgateway, so both always agree.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -59,6 +59,36 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def fast_inc(child: Any) -> Callable[[float], None]:
+    """``child.inc`` (a Counter or Gauge with its labels set, or one without labels) for
+    the request path: the value's own locked increment, without prometheus_client's
+    per-call checks (three Python calls fewer). ``child.inc`` itself when this
+    prometheus_client keeps its value differently. A gauge goes down with ``inc(-1)``."""
+    inc = getattr(getattr(child, "_value", None), "inc", None)
+    return inc if callable(inc) else child.inc
+
+
+def fast_observe(child: Any) -> Callable[[float], None]:
+    """``child.observe`` of a Histogram with its labels set, as :func:`fast_inc`: the
+    sum and the one bucket that counts the value, each a locked increment."""
+    try:
+        total = child._sum.inc
+        pairs = tuple(zip(child._upper_bounds, [bucket.inc for bucket in child._buckets]))
+    except (AttributeError, TypeError):
+        return child.observe
+    if not pairs or pairs[-1][0] != float("inf"):
+        return child.observe
+
+    def observe(amount: float) -> None:
+        total(amount)
+        for bound, inc in pairs:
+            if amount <= bound:  # the last bound is +Inf: every value lands somewhere
+                inc(1)
+                return
+
+    return observe
 
 
 class DeviceCollector(Collector):

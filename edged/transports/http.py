@@ -16,6 +16,7 @@ from aiohttp import web
 from edged.auth import Access, TokenStore, check_access, tls_context
 from edged.config import HttpConfig
 from edged.dataplane import DataPlane
+from edged.metrics import fast_inc
 from edged.errors import EdgedError, InvalidInput, PayloadTooLarge
 from edged.http_limits import (
     ConnectionGate, InflightBudget, RateLimitFilter, RequestTimeout, effective_max_connections, malloc_trim,
@@ -86,6 +87,7 @@ class HttpTransport:
         registry = dataplane.metrics.registry
         self.m_inline = Counter("edged_http_inline_requests", "HTTP inferences run on the event loop (no thread hop).",
                                 registry=registry)
+        self._inline_inc = fast_inc(self.m_inline)
         self.m_refused = Counter("edged_http_refused", "HTTP requests or connections refused, by reason.",
                                  ["reason"], registry=registry)
         self.m_offloaded = Counter("edged_http_offloaded", "Bodies decoded or responses encoded in a worker thread.",
@@ -353,7 +355,7 @@ class HttpTransport:
             del body, args  # the tensors may still point into it (binary data); the rest can go
             dataplane = self.dataplane
             if dataplane.runs_inline(decoded.request, self.inline_max_us, entry):
-                self.m_inline.inc()
+                self._inline_inc(1)
                 response = dataplane.infer(decoded.request, "http", entry)
             else:
                 response = await self._offload(dataplane.infer, decoded.request, "http", entry)
