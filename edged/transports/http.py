@@ -16,11 +16,11 @@ from aiohttp import web
 from edged.auth import Access, TokenStore, check_access, tls_context
 from edged.config import HttpConfig
 from edged.dataplane import DataPlane
-from edged.metrics import fast_inc
 from edged.errors import EdgedError, InvalidInput, PayloadTooLarge
 from edged.http_limits import (
     ConnectionGate, InflightBudget, RateLimitFilter, RequestTimeout, effective_max_connections, malloc_trim,
 )
+from edged.metrics import fast_inc
 from edged.v2 import HEADER_LENGTH, decode_request, dumps, encode_response, parse_json_object, response_bytes
 
 log = logging.getLogger(__name__)
