@@ -14,8 +14,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_BUNDLES = REPO / "build" / "demo-bundles"
@@ -43,6 +47,16 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_concurrently(calls: Sequence[Callable[[], T]], workers: int = 3) -> list[T]:
+    """Run independent ``calls`` (each typically one CLI subprocess) on a few threads
+    and return their results in the order given. Their interpreter start-ups and waits
+    overlap; every call runs to its end before this returns, and the first exception
+    (in that order) is raised after all have ended, so no process is left behind."""
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(calls)))) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [future.result() for future in futures]
 
 
 def end_process_group(proc: subprocess.Popen, first: int = signal.SIGTERM, timeout: float = 15.0) -> int:

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 
 from edged.bundle import open_bundle, sha256_file
 from edged.runtimes import RuntimeOptions, create_runtime
-from tests.helpers import REPO, start_daemon
+from tests.helpers import REPO, run_concurrently, start_daemon
 
 EDGED = [sys.executable, "-m", "edged.cli"]
 
@@ -214,8 +215,11 @@ def cases(models) -> list[Case]:
 @pytest.fixture(scope="module")
 def created(cases, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("create") / "bundles"
-    for case in cases:
-        proc = edged("bundle", "create", str(case.model), "--name", case.name, "-o", str(out), *case.args)
+    procs = run_concurrently([
+        partial(edged, "bundle", "create", str(case.model), "--name", case.name, "-o", str(out), *case.args)
+        for case in cases
+    ])
+    for case, proc in zip(cases, procs):
         assert proc.returncode == 0, (case.name, proc.stdout, proc.stderr)
         assert f"wrote {out / case.name}" in proc.stdout and "samples:" in proc.stdout, proc.stdout
     return out
@@ -232,9 +236,9 @@ def test_qoperator_model_has_com_microsoft_ops(models):
 
 
 def test_bundles_verify_and_describe_the_model(created, cases):
-    for case in cases:
+    verified = run_concurrently([partial(edged, "bundle", "verify", str(created / case.name)) for case in cases])
+    for case, proc in zip(cases, verified):
         root = created / case.name
-        proc = edged("bundle", "verify", str(root))
         assert proc.returncode == 0 and proc.stdout.startswith("ok:"), (case.name, proc.stdout, proc.stderr)
         bundle = open_bundle(root)
         m = bundle.manifest
@@ -432,8 +436,13 @@ def test_bad_inputs_are_refused_with_one_error_line(models, tmp_path):
         ([multi, "--samples", str(junk / "sr_float.npz")], ("input sr is int64", "float64")),
         ([str(models["nan"])], ("output y", "NaN")),
     ]
-    for args, needles in refused:
-        _refused(edged("bundle", "create", *args, "-o", str(out)), out, *needles)
+    # One output directory per case, so the cases can run side by side and each one's
+    # "nothing written" check sees only its own directory.
+    outs = [out / str(index) for index in range(len(refused))]
+    procs = run_concurrently([partial(edged, "bundle", "create", *args, "-o", str(case_out))
+                              for (args, _), case_out in zip(refused, outs)])
+    for (args, needles), case_out, proc in zip(refused, outs, procs):
+        _refused(proc, case_out, *needles)
 
 
 def test_missing_runtime_names_the_pip_extra(models, tmp_path):

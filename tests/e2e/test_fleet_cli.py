@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -24,7 +25,7 @@ from edged.bundle import safe_extract
 from edged.errors import SignatureError
 from edged.fleet import read_archive_manifest
 from edged.signing import trusted_keys, verify_bundle_signature
-from tests.helpers import REPO, LineReader, end_process_group, free_port
+from tests.helpers import REPO, LineReader, end_process_group, free_port, run_concurrently
 
 
 def edged(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -221,17 +222,22 @@ def test_publish_to_devices_and_refusals(signed_archive, signing_key, mqtt_broke
     assert result.returncode == 0 and "cfg/d3/ota/update/digits-onnx" in result.stdout, result.stderr
     assert len(_retained(mqtt_broker.port, "cfg/d3/ota/update/+")) == 1
 
-    for args, words in [
+    # The refusals publish nothing: they run side by side.
+    refusals = [
         ([], "--url is required"),
         (["--url", "fleet:8000/x"], "http://"),
         (["--url", "http://h/", "--canary", "120"], "between 0 and 100"),
-    ]:
-        result = edged("fleet", "publish", str(signed_archive), "--group", "g", *args, "--broker", broker)
-        assert result.returncode != 0 and words in result.stderr, (args, result.stderr)
-    result = edged("fleet", "publish", str(signed_archive), "--url", "http://h/", "--broker", broker)
-    assert result.returncode != 0 and "--group" in result.stderr
+    ]
     dead = f"127.0.0.1:{free_port()}"
-    result = edged("fleet", "publish", str(signed_archive), "--group", "g", "--url", "http://h/", "--broker", dead)
+    *refused, no_group, result = run_concurrently([
+        *[partial(edged, "fleet", "publish", str(signed_archive), "--group", "g", *args, "--broker", broker)
+          for args, _ in refusals],
+        partial(edged, "fleet", "publish", str(signed_archive), "--url", "http://h/", "--broker", broker),
+        partial(edged, "fleet", "publish", str(signed_archive), "--group", "g", "--url", "http://h/", "--broker", dead),
+    ])
+    for (args, words), refusal in zip(refusals, refused):
+        assert refusal.returncode != 0 and words in refusal.stderr, (args, refusal.stderr)
+    assert no_group.returncode != 0 and "--group" in no_group.stderr
     assert result.returncode != 0 and f"cannot reach the MQTT broker at {dead}" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -250,7 +256,15 @@ def test_status(mqtt_broker):
         "edged/dev7/ota/status": {"device": "dev7", "groups": ["g2"], "models": {
             "digits": {"active": "1.0.0", "state": "refused", "target": "0.9.0", "reason": "downgrade"}}},
     })
-    result = edged("fleet", "status", "--group", "g1", "--json", "--wait", "3", "--broker", broker)
+    # The queries only read the retained statuses: they run side by side, each with its own --wait.
+    result, everyone, other, g2_table, g1_table, dead = run_concurrently([
+        partial(edged, "fleet", "status", "--group", "g1", "--json", "--wait", "3", "--broker", broker),
+        partial(edged, "fleet", "status", "--json", "--wait", "3", "--broker", broker),
+        partial(edged, "fleet", "status", "--group", "other", "--json", "--wait", "0.5", "--broker", broker),
+        partial(edged, "fleet", "status", "--group", "g2", "--wait", "3", "--broker", broker),
+        partial(edged, "fleet", "status", "--group", "g1", "--wait", "3", "--broker", broker),
+        partial(edged, "fleet", "status", "--wait", "0", "--broker", f"127.0.0.1:{free_port()}"),
+    ], workers=6)
     assert result.returncode == 0, result.stderr
     rows = {r["device"]: r for r in json.loads(result.stdout)}
     assert sorted(rows) == ["dev8", "dev9"]
@@ -258,14 +272,11 @@ def test_status(mqtt_broker):
     assert rows["dev9"]["models"]["digits"] == {"active": "1.0.0", "state": "downloading", "target": "2.0.0",
                                                 "reason": "", "progress": {"bytes": 5, "total": 10}}
     assert rows["dev8"]["online"] == "offline" and rows["dev8"]["models"]["digits"]["active"] == "1.0.0"
-    everyone = json.loads(edged("fleet", "status", "--json", "--wait", "3", "--broker", broker).stdout)
-    assert {"dev7", "dev8", "dev9"} <= {r["device"] for r in everyone}
-    assert json.loads(edged("fleet", "status", "--group", "other", "--json", "--wait", "0.5", "--broker", broker).stdout) == []
-    table = edged("fleet", "status", "--group", "g2", "--wait", "3", "--broker", broker)
-    assert table.returncode == 0 and "dev7" in table.stdout and "refused" in table.stdout and "downgrade" in table.stdout
-    table = edged("fleet", "status", "--group", "g1", "--wait", "3", "--broker", broker)
-    assert "dev9" in table.stdout and "downloading" in table.stdout and "50%" in table.stdout
-    dead = edged("fleet", "status", "--wait", "0", "--broker", f"127.0.0.1:{free_port()}")
+    assert {"dev7", "dev8", "dev9"} <= {r["device"] for r in json.loads(everyone.stdout)}
+    assert json.loads(other.stdout) == []
+    assert g2_table.returncode == 0 and "dev7" in g2_table.stdout and "refused" in g2_table.stdout \
+        and "downgrade" in g2_table.stdout
+    assert "dev9" in g1_table.stdout and "downloading" in g1_table.stdout and "50%" in g1_table.stdout
     assert dead.returncode != 0 and "cannot reach the MQTT broker" in dead.stderr
 
 
