@@ -9,13 +9,14 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edged.bundle import pack_bundle
-from tests.helpers import REPO, free_port, start_daemon
+from tests.helpers import REPO, free_port, run_concurrently, start_daemon
 
 EDGED = [sys.executable, "-m", "edged.cli"]
 FAST = ["--duration", "0.2", "--warmup", "1"]  # bounds only: every row still runs at least once
@@ -129,11 +130,16 @@ def _fixed_batch_bundle(tmp: Path) -> Path:
 
 def test_fixed_batch_refuses_other_batch_sizes(tmp_path):
     bundle = _fixed_batch_bundle(tmp_path)
-    one_error_line(bench(str(bundle), "--batch", "1,4"), "--batch 4", "fixed", "x float32[1, 4]")
-    doc = ok_json(bench(str(bundle), "--json", *FAST))
-    assert [r["batch"] for r in doc["results"]] == [1]
     np.save(tmp_path / "x.npy", np.ones((1, 4), np.float64))  # --input as .npy, cast to the input's float32
-    doc = ok_json(bench(str(bundle), "--input", str(tmp_path / "x.npy"), "--json", *FAST))
+    refused, plain, from_file = run_concurrently([  # three independent runs side by side
+        partial(bench, str(bundle), "--batch", "1,4"),
+        partial(bench, str(bundle), "--json", *FAST),
+        partial(bench, str(bundle), "--input", str(tmp_path / "x.npy"), "--json", *FAST),
+    ])
+    one_error_line(refused, "--batch 4", "fixed", "x float32[1, 4]")
+    doc = ok_json(plain)
+    assert [r["batch"] for r in doc["results"]] == [1]
+    doc = ok_json(from_file)
     assert doc["input_source"].endswith("x.npy") and doc["inputs"]["x"]["dtype"] == "float32"
 
 
@@ -207,9 +213,13 @@ def test_url_with_tokens_needs_edged_token(demo_bundles, tmp_path):
     proc = start_daemon(tmp_path / "d", demo_bundles,
                         env={"EDGED_HTTP_TOKENS_FILE": str(tokens), "EDGED_LOAD": "digits-onnx"})
     try:
-        one_error_line(bench("--url", proc.url, "digits-onnx"), "401")
-        doc = ok_json(bench("--url", proc.url, "digits-onnx", "--concurrency", "1", "--json", *FAST,
-                            env={"EDGED_TOKEN": INFER_TOKEN}))
+        unauthorized, authorized = run_concurrently([
+            partial(bench, "--url", proc.url, "digits-onnx"),
+            partial(bench, "--url", proc.url, "digits-onnx", "--concurrency", "1", "--json", *FAST,
+                    env={"EDGED_TOKEN": INFER_TOKEN}),
+        ])
+        one_error_line(unauthorized, "401")
+        doc = ok_json(authorized)
         assert doc["results"][0]["errors"] == 0 and doc["results"][0]["requests"] >= 1
     finally:
         proc.stop()
@@ -249,11 +259,15 @@ def test_mqtt_table_with_an_input_file_and_no_http(mqtt_daemon, mqtt_broker, tmp
 def test_mqtt_errors_are_one_line(mqtt_daemon, mqtt_broker, tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), np.float32))
     port = str(mqtt_broker.port)
-    one_error_line(bench("--protocol", "mqtt", "--mqtt-port", port, "--url", mqtt_daemon.url, "no-such-model"),
-                   "no-such-model")
-    one_error_line(bench("--protocol", "mqtt", "--mqtt-port", port, "--input", str(tmp_path / "x.npy"),
-                         "no-such-model"), "no online device", "bench-dev")
-    one_error_line(bench("--protocol", "mqtt", "--mqtt-port", port, "--device", "bench-dev",
-                         "--input", str(tmp_path / "x.npy"), "no-such-model"), "first request failed")
-    one_error_line(bench("--protocol", "mqtt", "--mqtt-port", str(free_port()), "--input", str(tmp_path / "x.npy"),
-                         "digits-onnx"), "cannot reach")
+    unknown, no_device, failed, unreachable = run_concurrently([  # each with its own MQTT client and reply topic
+        partial(bench, "--protocol", "mqtt", "--mqtt-port", port, "--url", mqtt_daemon.url, "no-such-model"),
+        partial(bench, "--protocol", "mqtt", "--mqtt-port", port, "--input", str(tmp_path / "x.npy"), "no-such-model"),
+        partial(bench, "--protocol", "mqtt", "--mqtt-port", port, "--device", "bench-dev",
+                "--input", str(tmp_path / "x.npy"), "no-such-model"),
+        partial(bench, "--protocol", "mqtt", "--mqtt-port", str(free_port()), "--input", str(tmp_path / "x.npy"),
+                "digits-onnx"),
+    ], workers=4)
+    one_error_line(unknown, "no-such-model")
+    one_error_line(no_device, "no online device", "bench-dev")
+    one_error_line(failed, "first request failed")
+    one_error_line(unreachable, "cannot reach")
