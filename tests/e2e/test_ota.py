@@ -20,7 +20,7 @@ import pytest
 from edged.ota.message import OtaMessage, device_topic, group_topic
 from edged.signing import load_private_key
 from tests.brokers import wait_port
-from tests.helpers import DEMO_BUNDLES, REPO, DaemonProcess, free_port, http, start_daemon
+from tests.helpers import DEMO_BUNDLES, REPO, DaemonProcess, free_port, http, start_daemon, wait_ready
 from tests.ota_release import Keys, expected_outputs, make_keys, make_release, message_for, pack
 
 pytestmark = pytest.mark.slow
@@ -153,11 +153,16 @@ def check_consistent(device: DaemonProcess, expected: dict[str, np.ndarray]) -> 
 def test_publish_to_one_group_moves_only_its_devices(tmp_path, mqtt_broker, bundle_server, releases, keys):
     served_dir, base_url = bundle_server
     archive = pack(releases["2.0.0"], served_dir)
-    devices = {
-        "dev-a": start_device(tmp_path / "a", "dev-a", mqtt_broker.port, keys.trusted_dir, ["line1"], releases["1.0.0"]),
-        "dev-b": start_device(tmp_path / "b", "dev-b", mqtt_broker.port, keys.trusted_dir, ["line1"], releases["1.0.0"]),
-        "dev-c": start_device(tmp_path / "c", "dev-c", mqtt_broker.port, keys.trusted_dir, ["line2"], releases["1.0.0"]),
+    devices = {  # the three start side by side; each is ready before the update is published
+        "dev-a": start_device(tmp_path / "a", "dev-a", mqtt_broker.port, keys.trusted_dir, ["line1"], releases["1.0.0"],
+                              wait=False),
+        "dev-b": start_device(tmp_path / "b", "dev-b", mqtt_broker.port, keys.trusted_dir, ["line1"], releases["1.0.0"],
+                              wait=False),
+        "dev-c": start_device(tmp_path / "c", "dev-c", mqtt_broker.port, keys.trusted_dir, ["line2"], releases["1.0.0"],
+                              wait=False),
     }
+    for device in devices.values():
+        wait_ready(device)
     statuses: dict[str, dict] = {}
     watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     watcher.on_message = lambda c, u, m: statuses.__setitem__(m.topic.split("/")[1], json.loads(m.payload))
