@@ -199,9 +199,15 @@ def test_refused_conversions_name_what_to_do(corpus_data, tmp_path):
     tflite, _, _ = corpus_data[READY]
     line = one_error_line(edged("convert", str(tflite), "--profile", "generic-x86", "-o", str(out)))
     assert "edged bundle create" in line, line
-    # Three inputs (audio, a recurrent state, a 0-d int64) on the TFLite profile.
-    vad, calib, holdout = corpus_data["silero_vad"]
-    proc = edged("convert", str(vad), "--profile", "rpi4", "--calib", str(calib), "--holdout", str(holdout),
+    # silero VAD on the TFLite profile with an `sr` that varies in the data (16000 and 8000): nothing
+    # to fold (edged convert folds sr only when the data holds one value), and the TFLite routes
+    # cannot take the If on it.
+    vad, calib, _ = corpus_data["silero_vad"]
+    with np.load(calib) as data:
+        mixed = {k: data[k] for k in data.files}
+    mixed["sr"] = np.where(np.arange(len(mixed["sr"])) % 2 == 0, 16000, 8000).astype(np.int64)
+    np.savez(tmp_path / "mixed_sr.npz", **mixed)
+    proc = edged("convert", str(vad), "--profile", "rpi4", "--calib", str(tmp_path / "mixed_sr.npz"),
                  "--task", "regress", "-o", str(out))
     line = one_error_line(proc)
     assert WHAT_TO_DO.search(line), line
