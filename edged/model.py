@@ -59,6 +59,12 @@ class LoadedModel:
     inputs: dict[str, TensorSpec] = field(default_factory=dict)
     outputs: dict[str, TensorSpec] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Worked out once: every request checks them.
+        self._batch_one = bool(self.inputs) and all(s.shape[:1] == (1,) for s in self.inputs.values())
+        self._accepted = {n: frozenset(np.dtype(d) for d in s.accepted_dtypes()) for n, s in self.inputs.items()}
+        self._quantized = any(s.quantization for s in self.inputs.values())
+
     @property
     def name(self) -> str:
         return self.bundle.manifest.name
@@ -118,6 +124,17 @@ class LoadedModel:
 
     def validate(self, inputs: dict[str, np.ndarray]) -> None:
         """Check names, dtypes and shapes before anything reaches the runtime."""
+        if inputs.keys() == self.inputs.keys():
+            for name, array in inputs.items():
+                spec = self.inputs[name]
+                shape = array.shape
+                if array.dtype in self._accepted[name] and len(shape) == len(spec.shape) and all(
+                        want == -1 or want == got or (i == 0 and self._batch_one and got != 0)
+                        for i, (want, got) in enumerate(zip(spec.shape, shape))):
+                    continue
+                break
+            else:
+                return
         unknown = [n for n in inputs if n not in self.inputs]
         if unknown:
             raise InvalidInput(
@@ -143,7 +160,7 @@ class LoadedModel:
     @property
     def batch_one(self) -> bool:
         """The model's inputs have a fixed batch of 1 (e.g. a static-shape export)."""
-        return bool(self.inputs) and all(s.shape[:1] == (1,) for s in self.inputs.values())
+        return self._batch_one
 
     def dynamic_batch_problem(self) -> str | None:
         """Why requests cannot be merged along dim 0 (an input or output whose first
@@ -159,8 +176,8 @@ class LoadedModel:
         outputs unless every quantized input came in its native dtype. A batch-1
         model runs a larger batch sample by sample and concatenates the results."""
         self.validate(inputs)
-        sizes = {a.shape[0] for a in inputs.values() if a.ndim}
-        if self.batch_one and sizes and max(sizes) > 1:
+        sizes = {a.shape[0] for a in inputs.values() if a.ndim} if self._batch_one else ()
+        if sizes and max(sizes) > 1:
             if len(sizes) != 1:
                 raise InvalidInput(f"inputs have different batch sizes: {sorted(sizes)}")
             parts = [self._infer_one({k: v[i:i + 1] for k, v in inputs.items()}) for i in range(sizes.pop())]
@@ -177,7 +194,7 @@ class LoadedModel:
                 dequantize = True
             else:
                 native[name] = array
-        if not any(s.quantization for s in self.inputs.values()):
+        if not self._quantized:
             dequantize = True  # float model: quantized outputs (if any) become float
         raw = self.runtime.infer(native)
         outputs: dict[str, np.ndarray] = {}
