@@ -6,6 +6,7 @@ thread so blocking inference never blocks their event loop.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
@@ -154,11 +155,7 @@ class DataPlane:
                 self.metrics.requests.labels(request.model, version_label, transport).inc()
             self.metrics.failures.labels(request.model, version_label, transport, exc.code).inc()
             raise
-        for listener in self.result_listeners:
-            try:
-                listener(request, response, transport)
-            except Exception:  # a listener must never fail the request
-                log.exception("result listener failed")
+        self._notify(request, response, transport)
         return response
 
     def runs_inline(self, request: InferenceRequest, max_us: float, entry: ModelEntry | None = None) -> bool:
@@ -169,6 +166,8 @@ class DataPlane:
             return False
         if entry is None:
             entry = self.registry.get(request.model, request.version)
+        if entry.batcher is not None:  # it waits for other requests: never on a loop or network thread
+            return False
         typical = entry.typical_latency_s
         if typical is None or typical * 1e6 > max_us or not entry.ready:
             return False
@@ -223,6 +222,11 @@ class DataPlane:
                     entry.release()
         finally:
             series.depth(-1)
+        return self._respond(entry, request, outputs)
+
+    @staticmethod
+    def _respond(entry: ModelEntry, request: InferenceRequest, outputs: dict[str, np.ndarray]) -> InferenceResponse:
+        """The response with the outputs the request asked for (all by default)."""
         if request.outputs:
             unknown = [n for n in request.outputs if n not in outputs]
             if unknown:
@@ -231,6 +235,53 @@ class DataPlane:
                 )
             outputs = {n: outputs[n] for n in request.outputs}
         return InferenceResponse(model=entry.name, version=entry.version, outputs=outputs, id=request.id)
+
+    def _notify(self, request: InferenceRequest, response: InferenceResponse, transport: str) -> None:
+        for listener in self.result_listeners:
+            try:
+                listener(request, response, transport)
+            except Exception:  # a listener must never fail the request
+                log.exception("result listener failed")
+
+    async def infer_batched(self, request: InferenceRequest, transport: str, entry: ModelEntry) -> InferenceResponse:
+        """:meth:`infer` on an event loop for a model version with a dynamic batcher
+        (``entry.batcher``): the request awaits its batch's future, so the loop pays one
+        thread hop per batch instead of one per request."""
+        self._requests(entry.name, entry.version, transport)(1)
+        for attempt in range(2):
+            series = self._series(entry)
+            series.depth(1)
+            try:
+                done = await asyncio.wrap_future(entry.batcher.submit(request.inputs))
+                series.queue_time(done.queued_s)
+                series.latency(done.run_s)
+                response = self._respond(entry, request, done.outputs)
+                break
+            except ModelNotReady as exc:
+                # A hot swap unloaded this version: an unversioned request goes to its successor.
+                fresh = None if request.version or attempt else self.registry.get(request.model)
+                if fresh is None or fresh is entry or not fresh.ready:
+                    self.metrics.failures.labels(entry.name, entry.version, transport, exc.code).inc()
+                    raise
+                if fresh.batcher is None:
+                    return await asyncio.to_thread(self._infer_unbatched, request, transport, fresh)
+                entry = fresh
+            except EdgedError as exc:
+                self.metrics.failures.labels(entry.name, entry.version, transport, exc.code).inc()
+                raise
+            finally:
+                series.depth(-1)
+        self._notify(request, response, transport)
+        return response
+
+    def _infer_unbatched(self, request: InferenceRequest, transport: str, entry: ModelEntry) -> InferenceResponse:
+        try:
+            response = self._run(entry, request)
+        except EdgedError as exc:
+            self.metrics.failures.labels(entry.name, entry.version, transport, exc.code).inc()
+            raise
+        self._notify(request, response, transport)
+        return response
 
     # -- repository -------------------------------------------------------
     def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:

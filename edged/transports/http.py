@@ -357,6 +357,8 @@ class HttpTransport:
             if dataplane.runs_inline(decoded.request, self.inline_max_us, entry):
                 self._inline_inc(1)
                 response = dataplane.infer(decoded.request, "http", entry)
+            elif entry.batcher is not None:  # one thread hop per batch, not per request
+                response = await dataplane.infer_batched(decoded.request, "http", entry)
             else:
                 response = await self._offload(dataplane.infer, decoded.request, "http", entry)
             size = response_bytes(response)
