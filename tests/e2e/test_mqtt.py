@@ -300,8 +300,7 @@ def test_pushgateway_push_and_failures(demo_bundles, pushgateway_factory, tmp_pa
                      and "edged_inference_requests_total" in g]
             time.sleep(0.2)
         assert found, "no edged group in the pushgateway"
-        gateway.stop()
-        time.sleep(1.0)
+        gateway.stop()  # waits for it to exit: the next push (every 0.3 s) fails, and the loop below waits for that
         for _ in range(5):
             assert http("POST", daemon.url + "/v2/models/digits-onnx/infer", body)[0] == 200
         deadline = time.monotonic() + 60
