@@ -20,25 +20,38 @@ def measure(call: Callable[[], object], seconds: float = 2.0, concurrency: int =
     barrier = threading.Barrier(concurrency + 1)
     stop = [0.0]
 
+    errors: list[BaseException] = []
+
     def worker(bucket: list[float]) -> None:
-        for _ in range(warmup):  # in this thread: some clients are per-thread
-            call()
-        barrier.wait()
-        barrier.wait()
-        while time.perf_counter() < stop[0]:
-            start = time.perf_counter()
-            call()
-            bucket.append(time.perf_counter() - start)
+        try:
+            for _ in range(warmup):  # in this thread: some clients are per-thread
+                call()
+            barrier.wait()
+            barrier.wait()
+            while time.perf_counter() < stop[0]:
+                start = time.perf_counter()
+                call()
+                bucket.append(time.perf_counter() - start)
+        except threading.BrokenBarrierError:
+            pass
+        except BaseException as exc:  # the run fails with it instead of hanging at the barrier
+            errors.append(exc)
+            barrier.abort()
 
     threads = [threading.Thread(target=worker, args=(b,)) for b in latencies]
     for t in threads:
         t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    stop[0] = start + seconds
-    barrier.wait()
+    try:
+        barrier.wait()
+        start = time.perf_counter()
+        stop[0] = start + seconds
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass
     for t in threads:
         t.join()
+    if errors:
+        raise RuntimeError(f"a benchmark client failed: {type(errors[0]).__name__}: {errors[0]}") from errors[0]
     elapsed = time.perf_counter() - start
     flat = [x * 1e6 for b in latencies for x in b]
     return {
