@@ -9,18 +9,16 @@ the figure. The CNN is built here with random weights: only throughput is measur
 from __future__ import annotations
 
 import http.client
-import json
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import measure
+from benchmarks.common import binary_call, measure
 from tests.helpers import DEMO_BUNDLES, REPO, start_daemon
 
 CLIENTS = 16
@@ -74,28 +72,6 @@ def models_toml(models: dict[str, tuple[int, int]]) -> str:
     """[models.<name>] tables turning batching on."""
     return "".join(f"[models.{name}]\nmax_batch_size = {size}\nmax_queue_delay_us = {delay}\n"
                    for name, (size, delay) in models.items())
-
-
-def binary_call(port: int, name: str, x: np.ndarray):
-    """One keep-alive http.client connection per client thread, binary tensors."""
-    local = threading.local()
-    head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                                   "parameters": {"binary_data_size": x.nbytes}}],
-                       "parameters": {"binary_data_output": True}}).encode()
-    body = head + x.tobytes()
-    headers = {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
-
-    def call() -> None:
-        conn = getattr(local, "conn", None)
-        if conn is None:
-            conn = local.conn = http.client.HTTPConnection("127.0.0.1", port)
-        conn.request("POST", f"/v2/models/{name}/infer", body, headers)
-        response = conn.getresponse()
-        response.read()
-        if response.status != 200:
-            raise RuntimeError(f"HTTP {response.status} from {name}")
-
-    return call
 
 
 def _histogram(text: str, metric: str, model: str) -> tuple[float, float]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import statistics
 import threading
 import time
 from typing import Callable
+
+import numpy as np
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -61,3 +65,26 @@ def measure(call: Callable[[], object], seconds: float = 2.0, concurrency: int =
         "rps": round(len(flat) / elapsed, 1),
         "n": len(flat),
     }
+
+
+def binary_call(port: int, name: str, x: np.ndarray):
+    """A minimal caller of ``name``'s infer on 127.0.0.1:``port``: one keep-alive
+    http.client connection per client thread, binary tensors in and out."""
+    local = threading.local()
+    head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    body = head + x.tobytes()
+    headers = {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+
+    def call() -> None:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = http.client.HTTPConnection("127.0.0.1", port)
+        conn.request("POST", f"/v2/models/{name}/infer", body, headers)
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status} from {name}")
+
+    return call

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import measure
+from benchmarks.common import binary_call, measure
 from edged.bundle import open_bundle
 from edged.model import LoadedModel
 from edged.runtimes import RuntimeOptions
@@ -39,30 +39,7 @@ def _bare(model_name: str, x: np.ndarray) -> dict[str, float]:
     return result
 
 
-def _raw_binary_call(port: int, name: str, x: np.ndarray):
-    """A minimal keep-alive http.client caller: separates server cost from tritonclient's own."""
-    import http.client
-    import json
-    import threading
-
-    local = threading.local()
-    head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                                   "parameters": {"binary_data_size": x.nbytes}}],
-                       "parameters": {"binary_data_output": True}}).encode()
-    body = head + x.tobytes()
-    headers = {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
-
-    def call() -> None:
-        conn = getattr(local, "conn", None)
-        if conn is None:
-            conn = local.conn = http.client.HTTPConnection("127.0.0.1", port)
-        conn.request("POST", f"/v2/models/{name}/infer", body, headers)
-        response = conn.getresponse()
-        response.read()
-        if response.status != 200:
-            raise RuntimeError(f"HTTP {response.status}")
-
-    return call
+_raw_binary_call = binary_call  # a minimal keep-alive caller: server cost without tritonclient's own
 
 
 # The baseline for edged's own cost: the least an aiohttp server can do for the same
