@@ -33,7 +33,7 @@ from edged.errors import EdgedError, InferenceFailed, InvalidInput, ModelNotRead
 
 if TYPE_CHECKING:
     from edged.model import LoadedModel
-    from edged.registry import ModelEntry
+    from edged.model_entry import ModelEntry
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from edged import __version__
 from edged.config import Config
 from edged.errors import EdgedError, InferenceFailed, InvalidInput, ModelNotReady, UpdateRefused
 from edged.metrics import Metrics, fast_inc, fast_observe
-from edged.registry import ModelEntry, ModelRegistry
+from edged.model_entry import ModelEntry
+from edged.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from edged.config import Config
 from edged.dataplane import INLINE_MAX_BYTES, DataPlane, InferenceRequest, InferenceResponse
 from edged.errors import EdgedError, InvalidInput
 from edged.outbox import Outbox
-from edged.registry import ModelEntry
+from edged.model_entry import ModelEntry
 from edged.transports.mqtt_codec import (  # noqa: F401 (decode_raw and response_topic_problem are re-exported)
     JSON_CONTENT_TYPE, RAW_CONTENT_TYPE, RawReplyFields, decode_raw, pack_fields, reply_properties,
     response_topic_problem, user_properties,
