@@ -59,7 +59,8 @@ class Peer:
     def get(self, timeout: float = 60.0) -> mqtt.MQTTMessage:
         return self.messages.get(timeout=timeout)
 
-    def request(self, model: str, payload: bytes, content_type: str | None = None, user: list[tuple[str, str]] | None = None, reply: bool = True) -> mqtt.MQTTMessage:
+    def request(self, model: str, payload: bytes, content_type: str | None = None, user: list[tuple[str, str]] | None = None, reply: bool = True,
+                device: str = DEVICE) -> mqtt.MQTTMessage:
         props = Properties(PacketTypes.PUBLISH)
         if reply:
             props.ResponseTopic = f"replies/{self.client._client_id.decode()}"
@@ -68,7 +69,7 @@ class Peer:
             props.ContentType = content_type
         if user:
             props.UserProperty = user
-        self.client.publish(f"edged/{DEVICE}/infer/{model}", payload, qos=1, properties=props)
+        self.client.publish(f"edged/{device}/infer/{model}", payload, qos=1, properties=props)
         message = self.get()
         if reply:
             assert message.properties.CorrelationData == props.CorrelationData

@@ -4,13 +4,10 @@ its speed), and the durable outbox keeps its guarantees beside inline QoS 0 repl
 from __future__ import annotations
 
 import json
-import uuid
 
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from tests.e2e.test_mqtt import Peer, mqtt_toml, samples, wait_metric, wait_online
 from tests.helpers import http, start_daemon
@@ -21,18 +18,8 @@ MODEL = "digits-tflite"
 
 def ask(peer: Peer, device: str, payload: bytes, content_type: str | None = None,
         user: list[tuple[str, str]] | None = None) -> mqtt.MQTTMessage:
-    """One request to ``device`` and its reply (Peer.request talks to the default device)."""
-    props = Properties(PacketTypes.PUBLISH)
-    props.ResponseTopic = f"replies/{peer.client._client_id.decode()}"
-    props.CorrelationData = uuid.uuid4().bytes
-    if content_type:
-        props.ContentType = content_type
-    if user:
-        props.UserProperty = user
-    peer.client.publish(f"edged/{device}/infer/{MODEL}", payload, qos=1, properties=props)
-    message = peer.get()
-    assert message.properties.CorrelationData == props.CorrelationData
-    return message
+    """One request to ``device`` and its reply (its Correlation Data checked)."""
+    return peer.request(MODEL, payload, content_type, user, device=device)
 
 
 def raw_request(peer: Peer, device: str, x: np.ndarray) -> mqtt.MQTTMessage:
