@@ -59,7 +59,7 @@ def mosquitto(tmp: Path, port: int, persistent: bool = False) -> Process:
     tmp.mkdir(parents=True, exist_ok=True)
     lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "set_tcp_nodelay true"]
     if persistent:
-        lines += ["persistence true", f"persistence_location {tmp}/", "max_queued_messages 10000"]
+        lines += ["persistence true", f"persistence_location {tmp}/", "max_queued_messages 100000"]
         if os.geteuid() == 0:
             lines.append("user root")  # else mosquitto drops to user mosquitto, who cannot write tmp
     else:

@@ -43,8 +43,11 @@ STATES = (
     "swapping", "persisting", "watching", "active", "failed", "refused", "rolled_back",
 )
 BEFORE_SWAP = ("downloading", "verifying", "unpacking", "loading", "warming", "self_testing", "swapping")
-# Test hook: EDGED_OTA_CRASH_AT=<state> kills the daemon with SIGKILL as it enters that state.
+# Test hooks, read at start: EDGED_OTA_CRASH_AT=<state> kills the daemon with SIGKILL as it
+# enters that state; EDGED_OTA_PAUSE_AT=<state> holds the update in that state (its journal
+# written) until the daemon stops, so that `make test-vm` can cut the VM's power there.
 CRASH_ENV = "EDGED_OTA_CRASH_AT"
+PAUSE_ENV = "EDGED_OTA_PAUSE_AT"
 
 
 @dataclass
@@ -79,6 +82,7 @@ class Updater(HealthWatch):
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._crash_at = os.environ.get(CRASH_ENV, "")
+        self._pause_at = os.environ.get(PAUSE_ENV, "")
         self._last_progress = 0.0
         self._setup_metrics(metrics)
         self.gate = IntentGate(
@@ -202,6 +206,9 @@ class Updater(HealthWatch):
         if self._crash_at == state:
             log.error("OTA test hook %s=%s: killing the daemon", CRASH_ENV, state)
             os.kill(os.getpid(), signal.SIGKILL)
+        if self._pause_at == state:
+            log.warning("OTA test hook %s=%s: update paused in this state", PAUSE_ENV, state)
+            self._stop.wait()
 
     # -- intake ---------------------------------------------------------------
     def submit(self, message: OtaMessage) -> str:

@@ -14,7 +14,11 @@
 #   G_TIMEOUT=SECONDS   limit for each guest command (default 120 under KVM; under TCG, where the
 #                       guest's pip install alone takes 5 to 6 minutes, 120 x EDGED_VM_SLOWDOWN)
 #   EDGED_VM_SLOWDOWN=N how much longer every wait is under TCG (default 6; 1 under KVM)
-#   EDGED_VM_ANSIBLE=0  skip the Ansible step
+#   EDGED_VM_STEPS="reload watchdog reboot power ansible"
+#                       the checks to run after the install (all by default), in that order
+#   EDGED_VM_CUTS=N     power cuts while results go through the outbox (default 20; then one cut
+#                       in each of the 9 OTA states): tests/vm/power_cut.py
+#   EDGED_VM_ANSIBLE=0  skip the Ansible step (as leaving ansible out of EDGED_VM_STEPS does)
 # A failure names the step it happened in and prints the guest's `journalctl -u edged`
 # before the VM is destroyed.
 set -euo pipefail
@@ -25,6 +29,9 @@ BUNDLE=${EDGED_VM_BUNDLE:-digits-onnx}
 LATE=${EDGED_VM_LATE_BUNDLE:-digits-openvino}   # listed only at the reload
 BUNDLES=${EDGED_VM_BUNDLES:-digits-onnx digits-tflite digits-openvino}
 EXTRAS=${EDGED_VM_EXTRAS:-onnx,tflite,openvino}
+STEPS=" ${EDGED_VM_STEPS:-reload watchdog reboot power ansible} "
+[[ ${EDGED_VM_ANSIBLE:-1} == 1 ]] || STEPS=${STEPS/ ansible / }
+wanted() { [[ $STEPS == *" $1 "* ]]; }
 T0=$(date +%s)
 step_t=$T0
 STEP="building the VM image"
@@ -83,11 +90,14 @@ fi
 if [[ ${ACCEL[0]} == -enable-kvm ]]; then SLOW=1; else SLOW=${EDGED_VM_SLOWDOWN:-6}; fi
 G_TIMEOUT=${G_TIMEOUT:-$((120 * SLOW))}
 wait_s() { echo $(( $1 * SLOW )); }  # a wait bound sized for KVM, scaled for TCG
-qemu-system-x86_64 "${ACCEL[@]}" -m 2048 -smp 2 -display none \
-  -kernel "$VM/vmlinuz" -initrd "$VM/initrd.img" -append "root=/dev/vda rw console=ttyS0 net.ifnames=0" \
-  -drive file="$VM/run.qcow2",if=virtio,format=qcow2 \
-  -netdev user,id=n0,hostfwd=tcp:127.0.0.1:"$SSH_PORT"-:22,hostfwd=tcp:127.0.0.1:"$HTTP_PORT"-:8080 \
-  -device virtio-net-pci,netdev=n0 -serial file:"$VM/console.log" -pidfile "$VM/qemu.pid" -daemonize
+QEMU=(qemu-system-x86_64 "${ACCEL[@]}" -m 2048 -smp 2 -display none
+  -kernel "$VM/vmlinuz" -initrd "$VM/initrd.img" -append "root=/dev/vda rw console=ttyS0 net.ifnames=0"
+  -drive file="$VM/run.qcow2",if=virtio,format=qcow2
+  -netdev user,id=n0,hostfwd=tcp:127.0.0.1:"$SSH_PORT"-:22,hostfwd=tcp:127.0.0.1:"$HTTP_PORT"-:8080
+  -device virtio-net-pci,netdev=n0 -serial file:"$VM/console.log" -pidfile "$VM/qemu.pid" -daemonize)
+# tests/vm/power_cut.py boots the same VM again after each cut: it reads both command lines.
+printf '%s\0' "${QEMU[@]}" > "$VM/qemu.argv"; printf '%s\0' "${SSH[@]}" > "$VM/ssh.argv"
+"${QEMU[@]}"
 cleanup() {
   local rc=$?
   if (( rc != 0 )); then
@@ -150,6 +160,7 @@ say "HTTP inference from the host works"
 for b in $BUNDLES; do [[ $b == "$LATE" ]] || infer "$b" || fail "inference on $b under the hardened unit"; done
 say "every runtime loaded at start serves under the hardened unit"
 
+if wanted reload; then
 # Reload: list $LATE in the config and `systemctl reload` while a keep-alive client
 # keeps sending requests to $BUNDLE; none may fail, the MainPID stays, $LATE loads.
 step "systemctl reload under a client loop"
@@ -194,6 +205,7 @@ cat "$VM/client.json"
 infer "$LATE" || fail "$LATE (listed at the reload) does not serve"
 g "systemctl show -p StatusText --value edged"
 say "systemctl reload: $LATE loaded under the hardened unit, MainPID $P0 kept, no failed request ($(cat "$VM/client.json"))"
+fi
 
 mainpid() { g systemctl show -p MainPID --value edged; }
 # wait until edged has a MainPID other than $1, is active, and answers HTTP
@@ -208,6 +220,7 @@ wait_new_pid() {
   fail "edged did not come back (old MainPID $old)"
 }
 
+if wanted watchdog; then
 step "watchdog: drop-in WatchdogSec=5, then SIGSTOP"
 g "mkdir -p /etc/systemd/system/edged.service.d && printf '[Service]\nWatchdogSec=5\nTimeoutAbortSec=5\n' > /etc/systemd/system/edged.service.d/test-watchdog.conf && systemctl daemon-reload && systemctl restart edged"
 ready || fail "not ready after restart with WatchdogSec=5"
@@ -226,7 +239,9 @@ P3=$(wait_new_pid "$P2")
 infer
 NR=$(g systemctl show -p NRestarts --value edged)
 say "SIGKILL $P2 -> restarted, new MainPID $P3 (NRestarts $NR0 -> $NR)"
+fi
 
+if wanted reboot; then
 step "reboot: edged comes back"
 G_LIMIT=10 g "systemctl reboot" || true
 for _ in $(seq 1 "$(wait_s 60)"); do G_LIMIT=5 g true 2>/dev/null || break; sleep 1; done
@@ -236,5 +251,13 @@ for _ in $(seq 1 "$(wait_s 120)"); do ready && break; sleep 1; done
 infer || fail "inference after reboot"
 for b in $BUNDLES; do infer "$b" || fail "inference on $b after reboot"; done
 say "reboot: edged active and answering again"
-if [[ ${EDGED_VM_ANSIBLE:-1} == 1 ]]; then step "Ansible role"; source tests/vm/ansible_vm.sh; fi
+fi
+if wanted power; then
+  step "power cuts (tests/vm/power_cut.py)"
+  "$PY" tests/vm/power_cut.py --vm-dir "$VM" --http-port "$HTTP_PORT" --slow "$SLOW" --cuts "${EDGED_VM_CUTS:-20}" 2>&1 \
+    | tee "$VM/power.log" || fail "power cuts: $(grep -m1 "FAILED" "$VM/power.log")"
+  say "power cuts: $(tail -n 1 "$VM/power.log")"
+fi
+if wanted ansible; then step "Ansible role"; source tests/vm/ansible_vm.sh; fi
 echo "VM TEST PASSED in $(( $(date +%s) - T0 ))s"
+
