@@ -108,7 +108,13 @@ class Vm:
 
     def boot(self) -> None:
         self.pidfile.unlink(missing_ok=True)
-        subprocess.run(self.qemu_argv, check=True)
+        for _ in range(10):  # the forwarded ports may take a moment to be free again
+            started = subprocess.run(self.qemu_argv, capture_output=True, text=True)
+            if started.returncode == 0:
+                break
+            time.sleep(2)
+        else:
+            raise Failure(f"qemu did not start again: {started.stderr.strip()[-500:]}")
         self.boots += 1
         self.wait(self._ssh_ok, 300 * self.slow, "ssh after boot")
         self.wait(self.ready, 180 * self.slow, "edged ready after boot")
