@@ -127,7 +127,7 @@ def tflite_routes_for_onnx(path: Path, per_channel: bool) -> list[Any]:
     with what to install."""
     from converters import get_converter
     from converters.base import load_onnx
-    from converters.tflite_int8 import parse_onnx
+    from converters.tflite_int8_graph import parse_onnx
 
     try:
         parse_onnx(load_onnx(path, "convert-tflite"))
