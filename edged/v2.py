@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,8 +25,7 @@ except ImportError:  # pragma: no cover - the stdlib fallback
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Flat numeric "data" lists at least this long are parsed in pieces (see _parse_numbers).
 FAST_DATA_MIN_BYTES = 64 * 1024
-FAST_DATA_CHUNK_BYTES = 256 * 1024  # parsed in pieces, so the GIL is let go between them
-_DATA_LIST = re.compile(rb'"data"\s*:\s*\[([-+0-9.eE,\s]*)\]')
+FAST_DATA_CHUNK_BYTES = 512 * 1024  # parsed in pieces (~1.5 ms each), so the GIL is let go between them
 
 
 @dataclass
@@ -140,17 +138,47 @@ def _asarray(name: str, value: Any, dtype: np.dtype, datatype: str) -> np.ndarra
         raise InvalidInput(f"input {name}: 'data' is not a list of {datatype} values") from None
 
 
+_NOT_NUMERIC = (b"[", b"{", b'"', b"t", b"f", b"n")  # what could make a list item other than a number
+_BLANK = b" \t\r\n"
+
+
+def _skip_blank(raw: bytes, at: int) -> int:
+    while at < len(raw) and raw[at] in _BLANK:
+        at += 1
+    return at
+
+
+def _data_lists(raw: bytes) -> list[tuple[int, int, int]]:
+    """``(key, start, stop)`` of each long flat ``"data": [...]`` list in ``raw``: the
+    key's offset and the list's text between its brackets. Found with ``bytes.find``
+    (memchr, about 1 ms for 3 MB), not a regular expression (about 6 ms); a list with
+    a nested list, object, string, true, false or null in it is left to the full parse."""
+    found: list[tuple[int, int, int]] = []
+    key = raw.find(b'"data"')
+    while key >= 0:
+        colon = _skip_blank(raw, key + 6)
+        start = _skip_blank(raw, colon + 1) + 1 if colon < len(raw) and raw[colon] == 0x3A else 0
+        next_from = key + 6
+        if start and start <= len(raw) and raw[start - 1] == 0x5B:  # '['
+            stop = raw.find(b"]", start)
+            if stop < 0:
+                break
+            if stop - start >= FAST_DATA_MIN_BYTES and all(raw.find(c, start, stop) < 0 for c in _NOT_NUMERIC):
+                found.append((key, start, stop))
+                next_from = stop + 1
+        key = raw.find(b'"data"', next_from)
+    return found
+
+
 def _split_data(raw: bytes, tag: str) -> tuple[bytes, list["_DataText"]]:
     """The body with each long flat ``"data": [...]`` list swapped for a placeholder
     string (``tag`` and its index), and those lists' texts."""
     parts, segments, last = [], [], 0
-    for match in _DATA_LIST.finditer(raw):
-        if match.end(1) - match.start(1) < FAST_DATA_MIN_BYTES:
-            continue
-        parts.append(raw[last:match.start()])
+    for key, start, stop in _data_lists(raw):
+        parts.append(raw[last:key])
         parts.append(b'"data":"%s%d"' % (tag.encode(), len(segments)))
-        segments.append(_DataText(raw, match.start(1), match.end(1)))
-        last = match.end()
+        segments.append(_DataText(raw, start, stop))
+        last = stop + 1
     if not segments:
         return raw, []
     parts.append(raw[last:])

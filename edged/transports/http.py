@@ -18,7 +18,7 @@ from edged.config import HttpConfig
 from edged.dataplane import DataPlane
 from edged.errors import EdgedError, InvalidInput, PayloadTooLarge
 from edged.http_limits import (
-    ConnectionGate, InflightBudget, RateLimitFilter, RequestTimeout, effective_max_connections, malloc_trim,
+    ConnectionGate, InflightBudget, RateLimitFilter, RequestTimeout, effective_max_connections,
 )
 from edged.metrics import fast_inc
 from edged.v2 import HEADER_LENGTH, decode_request, dumps, encode_response, parse_json_object, response_bytes
@@ -46,8 +46,23 @@ STATUS_BY_CODE: dict[str, int] = {
 }
 BINARY_TYPE = "application/octet-stream"
 OFFLOAD_BYTES = 64 * 1024  # bodies and responses bigger than this are decoded/encoded in a worker thread
+TRIM_DELAY_S = 0.2  # freed memory goes back to the OS this long after big requests, when idle
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _find_malloc_trim() -> Any:
+    """glibc's ``malloc_trim`` from the process's own symbols (no ``find_library``:
+    that runs ``ldconfig`` in a subprocess, 1.5 to 4 ms), or False (musl)."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
 
 
 def error_response(exc: EdgedError) -> web.Response:
@@ -114,6 +129,8 @@ class HttpTransport:
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
         self._access: dict[Any, Access] = {}
+        self._trim_timer: asyncio.TimerHandle | None = None
+        self._malloc_trim: Any = None  # glibc's malloc_trim, found on first use; False where there is none
         self.app = self._build_app()
 
     def _build_app(self) -> web.Application:
@@ -326,8 +343,28 @@ class HttpTransport:
                 raise PayloadTooLarge(f"request body is over the limit of {self.max_body_bytes} bytes (http.max_body_bytes)")
             body += chunk
 
+    def _trim_soon(self) -> None:
+        """On the loop, when the last big request is done: hand freed memory back to
+        the OS TRIM_DELAY_S later, once, if the server is idle then (else later again).
+        Not after every request: under load that was a trim (and, before, a
+        subprocess looking for libc) per request, and the pages came straight back."""
+        if self._trim_timer is None:
+            self._trim_timer = asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._trim_due)
+
+    def _trim_due(self) -> None:
+        self._trim_timer = None
+        if self.budget.used:  # busy again: try again when this burst may be over
+            self._trim_soon()
+            return
+        try:
+            asyncio.get_running_loop().run_in_executor(self.executor, self._trim)
+        except RuntimeError:  # the executor was shut down: the server is stopping
+            pass
+
     def _trim(self) -> None:
-        if malloc_trim():
+        if self._malloc_trim is None:
+            self._malloc_trim = _find_malloc_trim()
+        if self._malloc_trim is not False and self._malloc_trim(0):
             self.m_trims.inc()
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
@@ -370,7 +407,7 @@ class HttpTransport:
                     "encode", size, encode_response, response, decoded.binary_outputs, decoded.all_binary)
         finally:
             if hold.release():  # memory goes back to the OS once big requests are done
-                asyncio.get_running_loop().run_in_executor(self.executor, self._trim)
+                self._trim_soon()
         if json_length is None:
             return web.Response(body=payload, content_type="application/json")
         return web.Response(body=payload, headers={HEADER_LENGTH: str(json_length), "Content-Type": BINARY_TYPE})
