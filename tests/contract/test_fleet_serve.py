@@ -16,7 +16,7 @@ import pytest
 
 from edged.fleet import RangeNotSatisfiable, parse_range
 from tests.brokers import wait_port
-from tests.helpers import REPO, free_port, http
+from tests.helpers import REPO, end_process_group, free_port, http
 
 BIG = 12 * 1024 * 1024 + 7
 
@@ -36,17 +36,12 @@ def server(tmp_path_factory):
     log = root / "serve.log"
     with open(log, "wb") as handle:
         proc = subprocess.Popen([sys.executable, "-m", "edged.cli", "fleet", "serve", str(served), "--port", str(port)],
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=handle)
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=handle, start_new_session=True)
     try:
         wait_port(port)
         yield {"url": f"http://127.0.0.1:{port}", "port": port, "data": data, "served": served, "log": log}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        end_process_group(proc)
 
 
 def _log_has(log, text: str, timeout: float = 60.0) -> bool:

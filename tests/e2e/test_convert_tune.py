@@ -55,12 +55,17 @@ def cls_data(tmp_path_factory):
     return _corpus("ppocr_cls", tmp_path_factory.mktemp("corpus"))
 
 
+def convert_cls(cls_data, out: Path, *extra: str, profile: str = "generic-x86",
+                task: str | None = None) -> subprocess.CompletedProcess:
+    """`edged convert` of ppocr_cls with its calibration and held-out data into ``out``/cls."""
+    path, calib, holdout, shapes, corpus_task = cls_data
+    return convert(str(path), "--profile", profile, "--calib", str(calib), "--holdout", str(holdout),
+                   "--task", task or corpus_task, *shapes, *extra, "-o", str(out), "--name", "cls")
+
+
 def test_auto_on_generic_x86_builds_the_candidates_and_ships_a_passing_one(cls_data, tmp_path):
-    path, calib, holdout, shapes, task = cls_data
     out = tmp_path / "out"
-    # generic-x86 asks for precision = "auto" itself.
-    proc = convert(str(path), "--profile", "generic-x86", "--calib", str(calib), "--holdout", str(holdout),
-                   "--task", task, *shapes, "-o", str(out), "--name", "cls")
+    proc = convert_cls(cls_data, out)  # generic-x86 asks for precision = "auto" itself.
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = _report(out / "cls")
     auto = report["precision_auto"]
@@ -84,10 +89,8 @@ def test_auto_on_generic_x86_builds_the_candidates_and_ships_a_passing_one(cls_d
 
 
 def test_int8_asked_reports_fp32_on_the_same_runtime(cls_data, tmp_path):
-    path, calib, holdout, shapes, task = cls_data
     out = tmp_path / "out"
-    proc = convert(str(path), "--profile", "generic-x86", "--precision", "int8", "--calib", str(calib),
-                   "--holdout", str(holdout), "--task", task, *shapes, "-o", str(out), "--name", "cls")
+    proc = convert_cls(cls_data, out, "--precision", "int8")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = _report(out / "cls")
     assert report["precision"] == "int8" and "precision_auto" not in report and "tuning" not in report
@@ -101,13 +104,10 @@ def test_int8_asked_reports_fp32_on_the_same_runtime(cls_data, tmp_path):
 
 
 def test_strict_gate_is_met_by_a_tuned_int8(cls_data, tmp_path):
-    path, calib, holdout, shapes, _task = cls_data
     out = tmp_path / "out"
     # SQNR 60 dB on the softmax: plain int8 (asymmetric uint8 over 0..1) writes 1.0 as 254/255, about
     # 48 dB; symmetric int8 activations write it exactly, so a lever step finds a passing int8.
-    proc = convert(str(path), "--profile", "generic-x86", "--precision", "int8", "--calib", str(calib),
-                   "--holdout", str(holdout), "--task", "regress", "--gate-threshold", "60", *shapes,
-                   "-o", str(out), "--name", "cls")
+    proc = convert_cls(cls_data, out, "--precision", "int8", "--gate-threshold", "60", task="regress")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = _report(out / "cls")
     steps = report["tuning"]
@@ -122,13 +122,11 @@ def test_strict_gate_is_met_by_a_tuned_int8(cls_data, tmp_path):
 
 
 def test_unreachable_gate_tunes_then_falls_back_to_fp32_and_says_so(cls_data, tmp_path):
-    path, calib, holdout, shapes, _task = cls_data
     out = tmp_path / "out"
     # SQNR 150 dB: no int8 gets there, and a short budget stops the tuning early; the fp32 fallback
     # on the same runtime passes (it is the source model).
-    proc = convert(str(path), "--profile", "generic-x86", "--precision", "int8", "--calib", str(calib),
-                   "--holdout", str(holdout), "--task", "regress", "--gate-threshold", "150", *shapes,
-                   "--tune-budget-s", "15", "-o", str(out), "--name", "cls")
+    proc = convert_cls(cls_data, out, "--precision", "int8", "--gate-threshold", "150", "--tune-budget-s", "15",
+                       task="regress")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = _report(out / "cls")
     steps = report["tuning"]
@@ -142,11 +140,9 @@ def test_unreachable_gate_tunes_then_falls_back_to_fp32_and_says_so(cls_data, tm
 
 
 def test_no_tuning_budget_keeps_the_gate_failure(cls_data, tmp_path):
-    path, calib, holdout, shapes, _task = cls_data
     out = tmp_path / "out"
-    proc = convert(str(path), "--profile", "generic-x86", "--precision", "int8", "--calib", str(calib),
-                   "--holdout", str(holdout), "--task", "regress", "--gate-threshold", "150", *shapes,
-                   "--tune-budget-s", "0", "-o", str(out), "--name", "cls")
+    proc = convert_cls(cls_data, out, "--precision", "int8", "--gate-threshold", "150", "--tune-budget-s", "0",
+                       task="regress")
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "no bundle written" in proc.stderr and "tuning" not in proc.stderr
     assert not (out / "cls").exists()
@@ -186,10 +182,8 @@ def test_bad_precision_is_one_error_line(cls_data, tmp_path):
 def test_auto_on_intel_x86_builds_fp16_too(cls_data, tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
-    path, calib, holdout, shapes, task = cls_data
     out = tmp_path / "out"
-    proc = convert(str(path), "--profile", "intel-x86", "--calib", str(calib), "--holdout", str(holdout),
-                   "--task", task, *shapes, "-o", str(out), "--name", "cls")
+    proc = convert_cls(cls_data, out, profile="intel-x86")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = _report(out / "cls")
     auto = report["precision_auto"]

@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -18,7 +19,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.helpers import DEMO_MODELS, http, start_daemon
+from tests.helpers import DEMO_MODELS, DaemonProcess, http, start_daemon
 
 # mosquitto_factory, mqtt_broker and pushgateway_factory come from tests/e2e/conftest.py.
 DEVICE = "dev1"
@@ -285,10 +286,17 @@ def test_offline_results_survive_kill_and_arrive_in_order(demo_bundles, mosquitt
         broker.stop()
 
 
+def start_pushing_daemon(tmp_path: Path, demo_bundles: Path, gateway_port: int, device_id: str,
+                         extra_push: str = "") -> DaemonProcess:
+    """A daemon serving digits-onnx that pushes its metrics to the pushgateway every 0.3 s."""
+    toml = (f'device_id = "{device_id}"\n[push]\nenabled = true\nurl = "127.0.0.1:{gateway_port}"\n'
+            f'interval_s = 0.3\n{extra_push}')
+    return start_daemon(tmp_path / "d", demo_bundles, extra_toml=toml, env={"EDGED_LOAD": "digits-onnx"})
+
+
 def test_pushgateway_push_and_failures(demo_bundles, pushgateway_factory, tmp_path):
     gateway = pushgateway_factory().start()
-    toml = f'device_id = "{DEVICE}"\n[push]\nenabled = true\nurl = "127.0.0.1:{gateway.port}"\ninterval_s = 0.3\ntimeout_s = 1.0\n'
-    daemon = start_daemon(tmp_path / "d", demo_bundles, extra_toml=toml, env={"EDGED_LOAD": "digits-onnx"})
+    daemon = start_pushing_daemon(tmp_path, demo_bundles, gateway.port, DEVICE, "timeout_s = 1.0\n")
     body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}).encode()
     try:
         assert http("POST", daemon.url + "/v2/models/digits-onnx/infer", body)[0] == 200
@@ -417,8 +425,7 @@ def test_broker_restart_reconnects_and_drains_events(mosquitto_factory, demo_bun
 
 def test_push_group_deleted_on_shutdown(demo_bundles, pushgateway_factory, tmp_path):
     gateway = pushgateway_factory().start()
-    toml = f'device_id = "del1"\n[push]\nenabled = true\nurl = "127.0.0.1:{gateway.port}"\ninterval_s = 0.3\n'
-    daemon = start_daemon(tmp_path / "d", demo_bundles, extra_toml=toml, env={"EDGED_LOAD": "digits-onnx"})
+    daemon = start_pushing_daemon(tmp_path, demo_bundles, gateway.port, "del1")
 
     def groups() -> list[dict]:
         return [g for g in json.loads(http("GET", f"http://127.0.0.1:{gateway.port}/api/v1/metrics")[1])["data"]

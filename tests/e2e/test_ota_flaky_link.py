@@ -20,7 +20,7 @@ import pytest
 
 from edged.ota.message import device_topic
 from tests.e2e.test_ota import MODEL, clear_retained, ota_status, publish, served_version, start_device, wait_for
-from tests.helpers import DEMO_BUNDLES, REPO
+from tests.helpers import DEMO_BUNDLES, REPO, end_process_group
 from tests.ota_release import make_big_release, make_keys, message_for, pack
 
 pytestmark = pytest.mark.slow
@@ -80,7 +80,7 @@ def test_download_survives_a_link_drop(tmp_path, namespace, mqtt_broker):
     server = subprocess.Popen(
         ["ip", "netns", "exec", ns, sys.executable, "-m", "edged.cli", "fleet", "serve", str(tmp_path / "served"),
          "--host", address, "--port", "8000"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
     )
     topic = device_topic("edged", "dev-n", MODEL)
     try:
@@ -96,10 +96,5 @@ def test_download_survives_a_link_drop(tmp_path, namespace, mqtt_broker):
         assert 0 < journal["download_resumed_from"][0] < archive.stat().st_size
     finally:
         device.stop()
-        server.terminate()
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        end_process_group(server)
         clear_retained(mqtt_broker.port, topic)
