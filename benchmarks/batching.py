@@ -139,10 +139,24 @@ def run(models: dict[str, tuple[int, int]] | None = None, rounds: int = ROUNDS, 
                         row[mode] = _timed(calls[mode], daemons[mode].proc.pid, seconds)
                     timed.append(row)
                 results["models"][name] = _summary(name, size, delay, timed, before["on"], _metrics(daemons["on"].port))
+                results["models"][name].update(_ceiling(models / name, size, results["models"][name]["cpu_us_off"]))
         finally:
             for daemon in daemons.values():
                 daemon.stop()
     return results
+
+
+def _ceiling(bundle: Path, size: int, cpu_us_off: float) -> dict:
+    """What batching can win at most here: the bare runtime call per row at batch 1 and at
+    ``size`` (in-process, 1 thread, as `edged bench` times it). Batching saves at most their
+    difference per request, out of the daemon's CPU per request without batching."""
+    from edged.bench.local import LocalOptions, bench_bundle
+
+    rows = bench_bundle(bundle, LocalOptions(threads=(1,), batches=(1, size), duration_s=2.0))["results"]
+    one, full = (next(r["p50_ms"] * 1000.0 for r in rows if r["batch"] == b) for b in (1, size))
+    saved = one - full / size
+    return {"bare_row_us_1": round(one, 1), "bare_row_us_full": round(full / size, 1),
+            "ceiling": round(cpu_us_off / max(cpu_us_off - saved, 1e-9), 2)}
 
 
 def _summary(name: str, size: int, delay: int, rounds: list[dict], before: str, after: str) -> dict:
@@ -180,8 +194,9 @@ def markdown(results: dict) -> str:
         "throughput is measured). Ratio: median of the per-round req/s ratios.",
         "",
         "| model | max_batch_size / max_queue_delay_us | req/s off | req/s on | ratio (rounds) | daemon CPU µs/req off / on | "
-        "mean batch rows | batch run µs | p99 off / on µs | p99 added vs bound (delay + batch run) µs | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "mean batch rows | batch run µs | p99 off / on µs | p99 added vs bound (delay + batch run) µs | "
+        "bare runtime µs/row at batch 1 / full | ceiling | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results["models"].items():
         loads = " / ".join(f"{row['load']:.1f}" for row in r["rounds"])
@@ -189,7 +204,8 @@ def markdown(results: dict) -> str:
             f"| {name} | {r['max_batch_size']} / {r['max_queue_delay_us']} | {r['rps_off']} | {r['rps_on']} | "
             f"{r['ratio']}× ({', '.join(map(str, r['ratios']))}) | {r['cpu_us_off']} / {r['cpu_us_on']} | "
             f"{r['mean_batch_rows']} | {r['batch_run_us']} | "
-            f"{r['p99_off_us']} / {r['p99_on_us']} | {r['p99_added_us']} vs {r['p99_bound_us']} | {loads} |"
+            f"{r['p99_off_us']} / {r['p99_on_us']} | {r['p99_added_us']} vs {r['p99_bound_us']} | "
+            f"{r.get('bare_row_us_1', '')} / {r.get('bare_row_us_full', '')} | {r.get('ceiling', '')}× | {loads} |"
         )
     lines += [
         "",
@@ -198,6 +214,12 @@ def markdown(results: dict) -> str:
         "`edged_inference_duration_seconds`). Daemon CPU µs/req: the daemon process's user + system CPU "
         "time over the requests it answered in a round (median of rounds); on a shared machine it moves less "
         "than req/s does.",
+        "- Ceiling: the most batching could win on this machine, were everything but the runtime call free of "
+        "cost to batch. The bare runtime call (in-process, 1 thread, `edged bench` with `--batch 1,N`) per row "
+        "at batch 1 and at max_batch_size gives the time batching saves per request; the ceiling is the "
+        "daemon's CPU µs per request without batching over that minus the saving. A goal above the ceiling "
+        "cannot be met by batching here: the rest of the request (HTTP, decode, encode) is paid per request "
+        "either way.",
         "",
     ]
     return "\n".join(lines)
