@@ -113,7 +113,7 @@ def _parse_numbers(name: str, text: "_DataText", dtype: np.dtype, datatype: str,
         end = raw.find(b",", min(start + FAST_DATA_CHUNK_BYTES, stop), stop)
         end = stop if end < 0 else end
         try:
-            values = loads(b"[" + raw[start:end] + b"]")
+            values = _load_piece(raw, start, end)
         except InvalidInput:
             values = None
         if values is None or (not values and (filled or end < stop)):
@@ -129,6 +129,21 @@ def _parse_numbers(name: str, text: "_DataText", dtype: np.dtype, datatype: str,
     if filled != out.size:  # a count mismatch, named by the caller: only the size is used, so no memory
         return np.broadcast_to(np.zeros(1, dtype), (filled,))
     return out
+
+
+def _load_piece(raw: bytes | bytearray, start: int, end: int) -> Any:
+    """``raw[start:end]`` parsed as the items of a JSON list. In a bytearray the byte
+    before and the byte at ``end`` (a comma or the list's own brackets) become ``[``
+    and ``]`` for the parse and are put back after it: no copy of the piece."""
+    if not isinstance(raw, bytearray) or start < 1 or end >= len(raw):
+        return loads(b"[" + raw[start:end] + b"]")
+    before, after = raw[start - 1], raw[end]
+    raw[start - 1], raw[end] = 0x5B, 0x5D
+    try:
+        with memoryview(raw) as view:
+            return loads(view[start - 1:end + 1])
+    finally:
+        raw[start - 1], raw[end] = before, after
 
 
 def _asarray(name: str, value: Any, dtype: np.dtype, datatype: str) -> np.ndarray:
