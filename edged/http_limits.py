@@ -15,9 +15,12 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from edged.errors import EdgedError, Overloaded
+
+if TYPE_CHECKING:
+    from edged.transports.http_fast import LeanInfer
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +177,11 @@ class _Refusal(asyncio.Protocol):
 
 class _Watched(asyncio.Protocol):
     """Wraps aiohttp's protocol for one connection: counts it, and closes it when its
-    first request's headers do not arrive within ``header_timeout`` seconds."""
+    first request's headers do not arrive within ``header_timeout`` seconds.
+
+    With the gate's ``lean`` path, requests it can read (``edged.transports.http_fast``)
+    are answered here; the first one it cannot read, and all bytes after it, go to
+    aiohttp, which keeps the connection from then on."""
 
     def __init__(self, inner: Any, gate: "ConnectionGate") -> None:
         self.inner = inner
@@ -182,11 +189,22 @@ class _Watched(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._tail = b""
         self._transport: asyncio.BaseTransport | None = None
+        self._lean = gate.lean
+        self._held = b""  # bytes that came while a lean answer was being made
+        self._busy = False
+        self._paused = False
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._finishing: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
         self._timer = asyncio.get_running_loop().call_later(self.gate.header_timeout, self._headers_late)
         self.inner.connection_made(transport)
+        # The lean path keeps aiohttp's idle timer (http.idle_timeout_s) going; without one, no lean path.
+        inner = self.inner
+        if self._lean is not None and not (getattr(inner, "_keepalive_timeout", 0) > 0 and hasattr(inner, "_loop")
+                                           and hasattr(inner, "_next_keepalive_close_time")):
+            self._lean = None
 
     def _headers_late(self) -> None:
         self._timer = None
@@ -202,21 +220,104 @@ class _Watched(asyncio.Protocol):
                 self._timer.cancel()
                 self._timer = None
             self._tail = (self._tail + data)[-3:]
-        self.inner.data_received(data)
+        if self._lean is None:
+            self.inner.data_received(data)
+        elif self._busy:
+            self._held += data
+        else:
+            if self._held:
+                data, self._held = self._held + data, b""
+            self._serve(data)
+
+    def _serve(self, data: bytes) -> None:
+        """Answer the lean requests at the start of ``data``; the rest goes to aiohttp."""
+        lean, transport, inner = self._lean, self._transport, self.inner
+        while data and transport is not None:
+            parsed = lean.parse(data)
+            if type(parsed) is int:  # a lean request still arriving
+                self._held = data
+                self._body_wait(parsed)
+                return
+            answer = lean(parsed[0]) if parsed is not None else None
+            if answer is None:
+                break
+            data = data[parsed[1]:]
+            self._kept_alive()
+            if isinstance(answer, bytes):
+                transport.write(answer)  # type: ignore[attr-defined]
+                continue
+            self._busy = True  # the next requests wait (unread) until this answer is out
+            self._held = data
+            transport.pause_reading()  # type: ignore[attr-defined]
+            self._finishing = asyncio.ensure_future(self._finish(answer))
+            return
+        else:
+            self._body_wait(None)
+            return
+        self._body_wait(None)
+        self._lean = None
+        inner.data_received(data)
+
+    def _body_wait(self, arrived: int | None) -> None:
+        """While a lean request's body is arriving (``arrived`` bytes of it so far), each
+        piece must come within http.body_timeout_s, as on the aiohttp path."""
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        if arrived is not None and arrived >= 0:
+            timeout = self._lean.body_timeout
+            self._body_timer = asyncio.get_running_loop().call_later(timeout, self._body_late, arrived)
+            inner = self.inner  # a request is in progress: aiohttp's idle timer must not close the connection first
+            inner._next_keepalive_close_time = inner._loop.time() + timeout + inner._keepalive_timeout
+
+    def _body_late(self, arrived: int) -> None:
+        self._body_timer = None
+        if self._transport is not None and self._lean is not None:
+            self._transport.write(self._lean.body_late(arrived))  # type: ignore[attr-defined]
+            self._transport.close()
+
+    async def _finish(self, answer: Awaitable[bytes]) -> None:
+        """Send an answer made in a coroutine, then go on with what came meanwhile."""
+        payload = await answer
+        transport = self._transport
+        if transport is None:
+            return
+        transport.write(payload)  # type: ignore[attr-defined]
+        self._kept_alive()
+        self._busy = False
+        self._finishing = None
+        if not self._paused:
+            transport.resume_reading()  # type: ignore[attr-defined]
+        held, self._held = self._held, b""
+        if held:
+            self._serve(held)
+
+    def _kept_alive(self) -> None:
+        """An answer went out: aiohttp's idle timer counts from now (it reschedules itself)."""
+        inner = self.inner
+        inner._next_keepalive_close_time = inner._loop.time() + inner._keepalive_timeout
 
     def eof_received(self) -> bool | None:
         return self.inner.eof_received()
 
     def pause_writing(self) -> None:
+        if self._lean is not None and self._transport is not None and not self._paused:
+            self._paused = True  # the client does not read its answers: read no more requests
+            self._transport.pause_reading()  # type: ignore[attr-defined]
         self.inner.pause_writing()
 
     def resume_writing(self) -> None:
+        if self._paused and self._transport is not None:
+            self._paused = False
+            if not self._busy:
+                self._transport.resume_reading()  # type: ignore[attr-defined]
         self.inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._body_wait(None)
         self.gate.live.discard(self)
         self._transport = None
         self.inner.connection_lost(exc)
@@ -227,8 +328,9 @@ class ConnectionGate:
     open at once (the next gets a 503 and is closed), each with a header timeout."""
 
     def __init__(self, make_protocol: Callable[[], Any], max_connections: int, header_timeout: float,
-                 on_refused: Callable[[str], None] = lambda reason: None) -> None:
+                 on_refused: Callable[[str], None] = lambda reason: None, lean: LeanInfer | None = None) -> None:
         self.make_protocol = make_protocol
+        self.lean = lean  # reads and answers plain infer requests itself (edged.transports.http_fast)
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.on_refused = on_refused

@@ -103,6 +103,9 @@ class HttpTransport:
         self.m_inline = Counter("edged_http_inline_requests", "HTTP inferences run on the event loop (no thread hop).",
                                 registry=registry)
         self._inline_inc = fast_inc(self.m_inline)
+        self.m_lean = Counter("edged_http_lean_requests", "HTTP inferences read and answered by edged's lean path "
+                              "(edged.transports.http_fast), not by aiohttp.", registry=registry)
+        self._lean_inc = fast_inc(self.m_lean)
         self.m_refused = Counter("edged_http_refused", "HTTP requests or connections refused, by reason.",
                                  ["reason"], registry=registry)
         self.m_offloaded = Counter("edged_http_offloaded", "Bodies decoded or responses encoded in a worker thread.",
@@ -196,8 +199,10 @@ class HttpTransport:
         await self._runner.setup()
         server = self._runner.server
         assert server is not None  # setup() made it
+        from edged.transports.http_fast import LeanInfer
+
         self.gate = ConnectionGate(server, effective_max_connections(settings.max_connections), settings.header_timeout_s,
-                                   on_refused=lambda reason: self.m_refused.labels(reason).inc())
+                                   on_refused=lambda reason: self.m_refused.labels(reason).inc(), lean=LeanInfer(self))
         self._server = await asyncio.get_running_loop().create_server(
             self.gate, self.host, self.port, ssl=context, reuse_address=True, backlog=128,
             ssl_handshake_timeout=settings.header_timeout_s if context else None,

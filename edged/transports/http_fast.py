@@ -1,0 +1,244 @@
+"""The lean path for the request that must be fast: ``POST /v2/models/M[/versions/V]/infer``
+on a keep-alive HTTP/1.1 connection, whole request already received.
+
+aiohttp stays the server: this only reads requests that are plainly what the hot
+path expects (strict request line, no transfer or content coding, no ``Expect``,
+``Connection`` only ``keep-alive``, one Content-Length) and answers them in the
+protocol's ``data_received`` without aiohttp's request, task and response
+objects. Anything else -- another route, an odd header, a body still arriving,
+a failed token check, a model that does not run inline -- is handed to aiohttp
+byte for byte (``edged.http_limits._Watched``), and the connection stays with
+aiohttp from then on. Answers are the bytes aiohttp would have sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Awaitable, Mapping
+
+from aiohttp.http import SERVER_SOFTWARE
+
+from edged.auth import Access, check_access
+from edged.dataplane import InferenceResponse
+from edged.errors import EdgedError
+from edged.http_limits import RequestTimeout
+from edged.transports.http import BINARY_TYPE, OFFLOAD_BYTES, error_response
+from edged.v2 import HEADER_LENGTH, DecodedRequest, decode_request, encode_response, response_bytes
+
+if TYPE_CHECKING:
+    from edged.http_limits import Hold
+    from edged.transports.http import HttpTransport
+
+log = logging.getLogger(__name__)
+
+REQUEST_LINE = re.compile(
+    rb"POST /v2/models/([A-Za-z0-9_][A-Za-z0-9_.-]{0,199})(?:/versions/([A-Za-z0-9_][A-Za-z0-9_.-]{0,99}))?/infer HTTP/1\.1"
+)
+# A header line as RFC 9110 spells a token name and a visible-ASCII value (no obs-fold, no obs-text).
+HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}):[ \t]*((?:[\x21-\x7e][\x20-\x7e\t]*)?)")
+DIGITS = re.compile(rb"[0-9]{1,15}")
+REQUEST_START = b"POST "
+# Headers that change how aiohttp frames or reads a request: such requests go to aiohttp.
+FRAMING = frozenset({b"transfer-encoding", b"content-encoding", b"expect", b"upgrade", b"te", b"trailer",
+                     b"http2-settings", b"keep-alive"})
+MAX_HEAD_BYTES = 8190  # aiohttp's own line limit; longer heads go to aiohttp, which enforces its limits
+MAX_HEADERS = 64
+SERVER = SERVER_SOFTWARE.encode()
+HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()
+
+
+@dataclass
+class LeanRequest:
+    """A parsed infer request; header names are lower case, values stripped."""
+
+    model: str
+    version: str | None
+    headers: Mapping[bytes, bytes]
+    body: bytearray
+
+
+MORE_HEAD = -1  # parse(): the head has not all arrived yet
+
+
+def parse(buffer: bytes | bytearray, max_body_bytes: int) -> tuple[LeanRequest, int] | int | None:
+    """The request at the start of ``buffer`` and the bytes it took; while it is still
+    arriving, MORE_HEAD or how many of its body bytes are here; None when it is not
+    one the lean path answers (aiohttp then reads it from the same bytes)."""
+    end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
+    if end < 0:
+        return MORE_HEAD if _may_become_lean(bytes(buffer)) else None
+    lines = bytes(buffer[:end]).split(b"\r\n")
+    if len(lines) > MAX_HEADERS:
+        return None
+    first = REQUEST_LINE.fullmatch(lines[0])
+    if first is None:
+        return None
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        match = HEADER_LINE.fullmatch(line)
+        if match is None:
+            return None
+        name = match[1].lower()
+        if name in headers or name in FRAMING:
+            return None
+        headers[name] = match[2].rstrip(b" \t")
+    connection = headers.get(b"connection")
+    if connection is not None and connection.lower() != b"keep-alive":
+        return None
+    length = headers.get(b"content-length")
+    if length is None or DIGITS.fullmatch(length) is None:
+        return None
+    size = int(length)
+    start = end + 4
+    if size > max_body_bytes:
+        return None  # aiohttp reads it as it streams in (or answers 413)
+    if len(buffer) < start + size:
+        return len(buffer) - start
+    version = first[2]
+    request = LeanRequest(first[1].decode(), version.decode() if version is not None else None, headers,
+                          bytearray(buffer[start:start + size]))
+    return request, start + size
+
+
+def _may_become_lean(head: bytes) -> bool:
+    """Whether the start of a head can still turn into a lean request."""
+    if len(head) >= MAX_HEAD_BYTES or not REQUEST_START.startswith(head[:5]) or b"\n" in head.replace(b"\r\n", b""):
+        return False
+    line_end = head.find(b"\r\n")
+    return line_end < 0 or REQUEST_LINE.fullmatch(head[:line_end]) is not None
+
+
+class _Clock:
+    """The Date header, formatted once a second as aiohttp does."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.value = b""
+
+    def date(self) -> bytes:
+        now = int(time.time())
+        if now != self.second:
+            self.second = now
+            self.value = formatdate(now, usegmt=True).encode()
+        return self.value
+
+
+_CLOCK = _Clock()
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+def render(status: int, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    """Status line, ``headers`` in order, then Content-Length, Date and Server: what
+    aiohttp writes for a ``web.Response`` with these headers on a keep-alive
+    HTTP/1.1 connection."""
+    head = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b""))]
+    head += [b"%s: %s" % (name.encode(), value.encode()) for name, value in headers]
+    head += [b"Content-Length: %d" % len(body), b"Date: " + _CLOCK.date(), b"Server: " + SERVER, b"", b""]
+    return b"\r\n".join(head) + body
+
+
+class LeanInfer:
+    """The lean path's infer handler: the steps of ``HttpTransport.infer`` for a request
+    that runs on the loop, answered as bytes. None hands the request to aiohttp
+    (only before anything is counted or run, so aiohttp starts it afresh); a
+    coroutine finishes a response too big to encode on the loop."""
+
+    def __init__(self, http: "HttpTransport") -> None:
+        self.http = http
+
+    def parse(self, buffer: bytes | bytearray) -> tuple[LeanRequest, int] | int | None:
+        return parse(buffer, min(self.http.max_body_bytes, OFFLOAD_BYTES))
+
+    @property
+    def body_timeout(self) -> float:
+        return self.http.settings.body_timeout_s
+
+    def body_late(self, arrived: int) -> bytes:
+        """The 408 answer of the aiohttp path when a body stops coming (the connection then closes)."""
+        timeout = self.body_timeout
+        self.http.m_refused.labels("body_timeout").inc()
+        return error_bytes(RequestTimeout(f"no request body bytes for {timeout:g} s (http.body_timeout_s); "
+                                          f"{arrived} bytes arrived"))
+
+    def __call__(self, request: LeanRequest) -> bytes | None | Awaitable[bytes]:
+        http = self.http
+        if http.inline_max_us <= 0:
+            return None
+        if http.tokens is not None:
+            authorization = request.headers.get(b"authorization")
+            try:
+                check_access(http.tokens, Access.INFER, authorization.decode() if authorization is not None else None)
+            except EdgedError:
+                return None  # aiohttp answers the refusal, counts and logs it
+        try:
+            entry = http.dataplane.check_model(request.model, request.version)
+        except EdgedError:
+            return None
+        typical = entry.typical_latency_s
+        if entry.batcher is not None or typical is None or typical * 1e6 > http.inline_max_us:
+            return None  # aiohttp hands it to a worker thread or the batcher
+        header = request.headers.get(HEADER_LENGTH_KEY)
+        if header is not None and DIGITS.fullmatch(header) is None:
+            return None  # aiohttp names what is wrong with it
+        body = request.body
+        max_body = http.max_body_bytes
+        try:
+            hold = http.budget.hold(min(len(body) or max_body, max_body))
+        except EdgedError as exc:
+            return error_bytes(exc)
+        finish = None
+        try:
+            decoded = decode_request(request.model, request.version, body, int(header) if header is not None else None,
+                                     hold.take)
+            del body
+            dataplane = http.dataplane
+            if not dataplane.runs_inline(decoded.request, http.inline_max_us, entry):
+                return None
+            http._inline_inc(1)
+            http._lean_inc(1)
+            response = dataplane.infer(decoded.request, "http", entry)
+            size = response_bytes(response)
+            hold.take(size * 4)  # JSON text of numbers takes up to ~4x their binary size
+            if size > OFFLOAD_BYTES:
+                finish = self._encode_later(hold, response, decoded)
+                return finish
+            return answer_bytes(*encode_response(response, decoded.binary_outputs, decoded.all_binary))
+        except Exception as exc:
+            return error_bytes(exc)
+        finally:
+            if finish is None and hold.release():
+                http._trim_soon()
+
+    async def _encode_later(self, hold: Hold, response: InferenceResponse, decoded: DecodedRequest) -> bytes:
+        http = self.http
+        try:
+            encoded = await http._codec("encode", response_bytes(response), encode_response, response,
+                                        decoded.binary_outputs, decoded.all_binary)
+            return answer_bytes(*encoded)
+        except Exception as exc:
+            return error_bytes(exc)
+        finally:
+            if hold.release():
+                http._trim_soon()
+
+
+def answer_bytes(payload: bytes, json_length: int | None) -> bytes:
+    """The 200 answer ``HttpTransport.infer`` returns for an encoded response."""
+    if json_length is None:
+        return render(200, [("Content-Type", "application/json")], payload)
+    return render(200, [(HEADER_LENGTH, str(json_length)), ("Content-Type", BINARY_TYPE)], payload)
+
+
+def error_bytes(exc: Exception) -> bytes:
+    """The JSON error answer for ``exc``, as the aiohttp path's middleware makes it."""
+    if isinstance(exc, EdgedError):
+        answer = error_response(exc)
+    else:
+        log.error("unhandled error on POST infer (lean path)", exc_info=exc)
+        answer = error_response(EdgedError("internal error; the daemon's log has the details"))
+    return render(answer.status, list(answer.headers.items()), answer.body)

@@ -1,0 +1,103 @@
+"""edged.transports.http_fast.parse and render: which requests the lean path reads
+itself, which it leaves to aiohttp (None), and which are still arriving."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from edged.transports.http_fast import MORE_HEAD, parse, render
+
+LIMIT = 64 * 1024
+
+
+def request(path: str = "/v2/models/m/infer", headers: str = "", body: bytes = b"{}", length: int | None = None,
+            line: str | None = None) -> bytes:
+    line = line or f"POST {path} HTTP/1.1"
+    size = len(body) if length is None else length
+    return (f"{line}\r\nHost: x\r\n{headers}Content-Length: {size}\r\n\r\n").encode() + body
+
+
+def test_a_plain_infer_request_is_read_with_its_body():
+    raw = request(headers="Inference-Header-Content-Length: 2\r\nAuthorization:  Bearer t \r\n", body=b"{}xyz")
+    parsed = parse(raw + b"GET /next", LIMIT)
+    assert parsed is not None and not isinstance(parsed, int)
+    lean, used = parsed
+    assert used == len(raw)
+    assert (lean.model, lean.version, bytes(lean.body)) == ("m", None, b"{}xyz")
+    assert lean.headers[b"inference-header-content-length"] == b"2"
+    assert lean.headers[b"authorization"] == b"Bearer t"
+
+
+def test_a_versioned_path_names_the_version():
+    lean, _ = parse(request("/v2/models/digits-onnx/versions/1.0.0/infer"), LIMIT)
+    assert (lean.model, lean.version) == ("digits-onnx", "1.0.0")
+
+
+@pytest.mark.parametrize("raw", [
+    request("/v2/models/m/ready"),  # another route
+    request("/v2/models/m/infer?x=1"),  # a query string
+    request("/v2/models/%6d/infer"),  # percent-encoding: aiohttp decodes it
+    request("/v2/models/../infer"),  # a dot segment: aiohttp normalizes it
+    request("/v2/models/./infer"),
+    request(line="POST /v2/models/m/infer HTTP/1.0"),  # HTTP/1.0 keep-alive rules
+    request(line="post /v2/models/m/infer HTTP/1.1"),
+    request(line="POST http://x/v2/models/m/infer HTTP/1.1"),  # absolute form
+    request(headers="Transfer-Encoding: chunked\r\n"),
+    request(headers="Content-Encoding: gzip\r\n"),  # aiohttp decompresses it
+    request(headers="Expect: 100-continue\r\n"),
+    request(headers="Connection: close\r\n"),
+    request(headers="Connection: upgrade\r\nUpgrade: h2c\r\n"),
+    request(headers="Content-Length: 2\r\n"),  # twice
+    request(headers="Accept: a\r\naccept: b\r\n"),  # any header twice
+    request(headers=" folded\r\n"),  # obs-fold
+    request(headers="Bad Name: x\r\n"),
+    request(headers="X: caf\xe9\r\n".encode("latin-1").decode("latin-1")),  # not visible ASCII
+    request(length=-1),
+    request(body=b"x" * 10, length=LIMIT + 1),  # over the limit: aiohttp streams it or answers 413
+    b"\r\n" + request(),  # a leading empty line
+    b"GET /v2/health/live HTTP/1.1\r\n\r\n",
+    b"GET /v2/heal",  # the start of another method
+    b"POST /v2/models/m/infer HTTP/1.1\nHost: x\nContent-Length: 0\n\n",  # bare LF line ends
+])
+def test_anything_else_is_left_to_aiohttp(raw):
+    assert parse(raw, LIMIT) is None
+
+
+def test_content_length_is_required():
+    assert parse(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\n\r\n", LIMIT) is None
+    assert parse(b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: +2\r\n\r\n{}", LIMIT) is None
+
+
+def test_a_request_still_arriving_says_how_much_of_it_is_here():
+    raw = request(body=b"0123456789")
+    assert parse(raw[:3], LIMIT) == MORE_HEAD
+    assert parse(raw[:20], LIMIT) == MORE_HEAD
+    head = raw.index(b"\r\n\r\n") + 4
+    assert parse(raw[:head], LIMIT) == 0
+    assert parse(raw[:head + 4], LIMIT) == 4
+    assert parse(raw, LIMIT)[1] == len(raw)
+
+
+def test_a_head_that_never_ends_is_left_to_aiohttp():
+    assert parse(b"POST /v2/models/m/infer HTTP/1.1\r\nX: " + b"a" * 9000, LIMIT) is None
+
+
+def test_render_writes_what_aiohttp_writes():
+    raw = render(200, [("Inference-Header-Content-Length", "2"), ("Content-Type", "application/octet-stream")], b"{}ab")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 200 OK"
+    assert lines[1:4] == [b"Inference-Header-Content-Length: 2", b"Content-Type: application/octet-stream",
+                          b"Content-Length: 4"]
+    assert re.fullmatch(rb"Date: \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT", lines[4])
+    assert lines[5].startswith(b"Server: Python/") and b"aiohttp/" in lines[5]
+    assert body == b"{}ab"
+    assert render(503, [], b"").startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+
+
+def test_a_head_that_cannot_become_lean_is_left_to_aiohttp_at_once():
+    assert parse(b"POST /v2/models/m/ready HTTP/1.1\r\nHost", LIMIT) is None
+    assert parse(b"POST /v2/models/m/infer HTTP/1.1\nHost", LIMIT) is None
+    assert parse(b"POST /v2/models/m/infer HTTP/1.1\r\nHost", LIMIT) == MORE_HEAD
