@@ -179,11 +179,12 @@ class Acked:
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def send_until(vm: Vm, stop: threading.Event, cut_no: int, acked: Acked, errors: list[str]) -> None:
+def send_until(vm: Vm, cutting: threading.Event, cut_no: int, acked: Acked, errors: list[str]) -> None:
+    """Send requests without pause until the connection dies; before the cut that is an error."""
     rng = np.random.default_rng(cut_no)
     conn = http.client.HTTPConnection("127.0.0.1", vm.http_port, timeout=30 * vm.slow)
     n = 0
-    while not stop.is_set():
+    while True:
         request_id = f"cut{cut_no}-{n}"
         body, _ = infer_body(request_id, rng)
         n += 1
@@ -191,9 +192,9 @@ def send_until(vm: Vm, stop: threading.Event, cut_no: int, acked: Acked, errors:
             conn.request("POST", f"/v2/models/{MODEL}/infer", json.dumps(body), {"Content-Type": "application/json"})
             resp = conn.getresponse()
             data = resp.read()
-        except (OSError, http.client.HTTPException):
-            if not stop.is_set():
-                errors.append(f"{request_id}: connection failed before the cut")
+        except (OSError, http.client.HTTPException) as exc:
+            if not cutting.is_set():
+                errors.append(f"{request_id}: connection failed before the cut: {exc!r}")
             return
         if resp.status != 200:
             errors.append(f"{request_id}: HTTP {resp.status} {data[:200]!r}")
@@ -206,15 +207,17 @@ def send_until(vm: Vm, stop: threading.Event, cut_no: int, acked: Acked, errors:
 def outbox_cuts(vm: Vm, cuts: int, acked: Acked) -> None:
     """Cut the power ``cuts`` times while HTTP results go into the outbox (broker down)."""
     for cut_no in range(1, cuts + 1):
-        stop, errors = threading.Event(), []
+        cutting, errors = threading.Event(), []
         before = len(acked.ids)
-        client = threading.Thread(target=send_until, args=(vm, stop, cut_no, acked, errors), daemon=True)
+        client = threading.Thread(target=send_until, args=(vm, cutting, cut_no, acked, errors), daemon=True)
         client.start()
         vm.wait(lambda: len(acked.ids) > before, 60 * vm.slow, "the first answer after the boot")
         time.sleep(random.uniform(0.5, 2.0 * vm.slow))
+        cutting.set()
         vm.cut()
-        stop.set()
         client.join(60 * vm.slow)
+        if client.is_alive():
+            raise Failure(f"cut {cut_no}: the client still waits on a request to the dead VM")
         if errors:
             raise Failure(f"cut {cut_no}: requests failed while the VM was up: {errors[:3]}")
         vm.boot()
