@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics_metrics"]
 INLINE_MAX_BYTES = 64 * 1024  # larger inputs (big batches) always go to a worker thread
+OUTLIER_FACTOR = 2.0  # a run counts at most this many times the typical latency in its average
 
 
 @dataclass
@@ -217,7 +218,13 @@ class DataPlane:
                                               "the daemon's log has the details") from None
                     entry.count(ok=True)
                     elapsed = time.perf_counter() - start
-                    entry.note_latency(elapsed)
+                    typical = entry.typical_latency_s
+                    # The inline decision's average: a run that the OS paused (a busy machine) lifts
+                    # it by at most 10 %, so a handful of them cannot send a fast model to worker
+                    # threads (where the GIL wait inflates the next runs), while a model that really
+                    # slows down still gets there within a few dozen runs. The histogram keeps
+                    # every run as it was.
+                    entry.note_latency(elapsed if typical is None else min(elapsed, OUTLIER_FACTOR * typical))
                     series.latency(elapsed)
                 finally:
                     entry.release()

@@ -58,3 +58,31 @@ def test_entry_from_check_model_is_used_and_every_request_counted(plane):
     assert 'edged_inference_duration_seconds_count{model="tiny",runtime="onnx",version="1.0.0"} 4.0' in text
     assert 'edged_queue_duration_seconds_count{model="tiny",version="1.0.0"} 4.0' in text
     assert 'edged_queue_depth{model="tiny",version="1.0.0"} 0.0' in text
+
+
+def test_one_paused_run_barely_moves_the_inline_average_but_a_slow_model_gets_there(plane):
+    """The average behind http.inline_max_us: a run the OS paused counts at most twice the
+    average (+10 %), a model that stays slow still lifts it to its own latency."""
+    import time
+
+    entry = plane.check_model("tiny")
+    runtime = entry.model.runtime
+    real_infer = runtime.infer
+    request = InferenceRequest(model="tiny", inputs={"input": np.ones((1, 4), np.float32)})
+
+    def paused(inputs):  # the real runtime, after a pause of at least 2 ms
+        time.sleep(0.002)
+        return real_infer(inputs)
+
+    entry.typical_latency_s = 1e-4
+    runtime.infer = paused
+    try:
+        plane.infer(request, "test", entry)
+        assert entry.typical_latency_s == pytest.approx(1.1e-4)
+        for _ in range(60):
+            plane.infer(request, "test", entry)
+        assert entry.typical_latency_s >= 1e-3
+    finally:
+        runtime.infer = real_infer
+    text = plane.metrics.exposition().decode()  # the histogram has every run as it was
+    assert 'edged_inference_duration_seconds_bucket{le="0.001",model="tiny",runtime="onnx",version="1.0.0"} 0.0' in text
