@@ -64,6 +64,8 @@ class LoadedModel:
         self._batch_one = bool(self.inputs) and all(s.shape[:1] == (1,) for s in self.inputs.values())
         self._accepted = {n: frozenset(np.dtype(d) for d in s.accepted_dtypes()) for n, s in self.inputs.items()}
         self._quantized = any(s.quantization for s in self.inputs.values())
+        # Float in, float out: nothing to quantize or dequantize on the way.
+        self._plain = not self._quantized and not any(s.quantization for s in self.outputs.values())
 
     @property
     def name(self) -> str:
@@ -185,6 +187,9 @@ class LoadedModel:
         return self._infer_one(inputs)
 
     def _infer_one(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._plain:
+            raw = self.runtime.infer(inputs)
+            return {name: raw[name] for name in self.outputs}
         native: dict[str, np.ndarray] = {}
         dequantize = False
         for name, array in inputs.items():

@@ -129,6 +129,9 @@ class _Clock:
 
 
 _CLOCK = _Clock()
+JSON_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nDate: %s\r\nServer: %s\r\n\r\n%s"
+BINARY_ANSWER = (b"HTTP/1.1 200 OK\r\n" + HEADER_LENGTH.encode() + b": %d\r\nContent-Type: " + BINARY_TYPE.encode()
+                 + b"\r\nContent-Length: %d\r\nDate: %s\r\nServer: %s\r\n\r\n%s")
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
@@ -228,10 +231,11 @@ class LeanInfer:
 
 
 def answer_bytes(payload: bytes, json_length: int | None) -> bytes:
-    """The 200 answer ``HttpTransport.infer`` returns for an encoded response."""
+    """The 200 answer ``HttpTransport.infer`` returns for an encoded response
+    (what :func:`render` writes, in one step)."""
     if json_length is None:
-        return render(200, [("Content-Type", "application/json")], payload)
-    return render(200, [(HEADER_LENGTH, str(json_length)), ("Content-Type", BINARY_TYPE)], payload)
+        return JSON_ANSWER % (len(payload), _CLOCK.date(), SERVER, payload)
+    return BINARY_ANSWER % (json_length, len(payload), _CLOCK.date(), SERVER, payload)
 
 
 def error_bytes(exc: Exception) -> bytes:

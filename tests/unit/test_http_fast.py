@@ -101,3 +101,15 @@ def test_a_head_that_cannot_become_lean_is_left_to_aiohttp_at_once():
     assert parse(b"POST /v2/models/m/ready HTTP/1.1\r\nHost", LIMIT) is None
     assert parse(b"POST /v2/models/m/infer HTTP/1.1\nHost", LIMIT) is None
     assert parse(b"POST /v2/models/m/infer HTTP/1.1\r\nHost", LIMIT) == MORE_HEAD
+
+
+def test_the_ready_made_answers_are_what_render_writes():
+    from edged.transports.http_fast import answer_bytes
+
+    def undated(raw: bytes) -> bytes:  # the two may straddle a second
+        return re.sub(rb"\r\nDate: [^\r]*", b"", raw)
+
+    assert undated(answer_bytes(b'{"a":1}', None)) == undated(
+        render(200, [("Content-Type", "application/json")], b'{"a":1}'))
+    assert undated(answer_bytes(b"{}ab", 2)) == undated(render(
+        200, [("Inference-Header-Content-Length", "2"), ("Content-Type", "application/octet-stream")], b"{}ab"))
