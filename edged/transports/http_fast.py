@@ -39,15 +39,15 @@ log = logging.getLogger(__name__)
 REQUEST_LINE = re.compile(
     rb"POST /v2/models/([A-Za-z0-9_][A-Za-z0-9_.-]{0,199})(?:/versions/([A-Za-z0-9_][A-Za-z0-9_.-]{0,99}))?/infer HTTP/1\.1"
 )
-# A header line as RFC 9110 spells a token name and a visible-ASCII value (no obs-fold, no obs-text).
-HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}):[ \t]*((?:[\x21-\x7e][\x20-\x7e\t]*)?)")
+# Header lines, each CRLF-ended, as RFC 9110 spells a token name and a visible-ASCII value
+# (no obs-fold, no obs-text, no bare CR or LF).
+HEADER_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}:[ \t]*(?:[\x21-\x7e][\x20-\x7e\t]*)?\r\n){0,64}")
 DIGITS = re.compile(rb"[0-9]{1,15}")
 REQUEST_START = b"POST "
 # Headers that change how aiohttp frames or reads a request: such requests go to aiohttp.
 FRAMING = frozenset({b"transfer-encoding", b"content-encoding", b"expect", b"upgrade", b"te", b"trailer",
                      b"http2-settings", b"keep-alive"})
 MAX_HEAD_BYTES = 8190  # aiohttp's own line limit; longer heads go to aiohttp, which enforces its limits
-MAX_HEADERS = 64
 SERVER = SERVER_SOFTWARE.encode()
 HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()
 
@@ -72,21 +72,18 @@ def parse(buffer: bytes | bytearray, max_body_bytes: int) -> tuple[LeanRequest, 
     end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
     if end < 0:
         return MORE_HEAD if _may_become_lean(bytes(buffer)) else None
-    lines = bytes(buffer[:end]).split(b"\r\n")
-    if len(lines) > MAX_HEADERS:
-        return None
-    first = REQUEST_LINE.fullmatch(lines[0])
-    if first is None:
+    line_end = buffer.find(b"\r\n", 0, end + 2)
+    first = REQUEST_LINE.fullmatch(buffer, 0, line_end)
+    if first is None or HEADER_LINES.fullmatch(buffer, line_end + 2, end + 2) is None:
         return None
     headers: dict[bytes, bytes] = {}
-    for line in lines[1:]:
-        match = HEADER_LINE.fullmatch(line)
-        if match is None:
-            return None
-        name = match[1].lower()
-        if name in headers or name in FRAMING:
-            return None
-        headers[name] = match[2].rstrip(b" \t")
+    if line_end < end:
+        for line in buffer[line_end + 2:end].split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            name = name.lower()
+            if name in headers or name in FRAMING:
+                return None
+            headers[name] = value.strip(b" \t")
     connection = headers.get(b"connection")
     if connection is not None and connection.lower() != b"keep-alive":
         return None
@@ -101,7 +98,7 @@ def parse(buffer: bytes | bytearray, max_body_bytes: int) -> tuple[LeanRequest, 
         return len(buffer) - start
     version = first[2]
     request = LeanRequest(first[1].decode(), version.decode() if version is not None else None, headers,
-                          bytearray(buffer[start:start + size]))
+                          bytearray(memoryview(buffer)[start:start + size]))
     return request, start + size
 
 
