@@ -230,24 +230,26 @@ class _Watched(asyncio.Protocol):
             self._serve(data)
 
     def _serve(self, data: bytes) -> None:
-        """Answer the lean requests at the start of ``data``; the rest goes to aiohttp."""
-        lean, transport, inner = self._lean, self._transport, self.inner
-        while data and transport is not None:
-            parsed = lean.parse(data)
+        """Answer the lean requests in ``data``, in order; from the first other one on,
+        the bytes go to aiohttp."""
+        lean, transport = self._lean, self._transport
+        at, size = 0, len(data)
+        while at < size and transport is not None:
+            parsed = lean.parse(data, at)  # offsets, not slices: no copy of the rest per request
             if type(parsed) is int:  # a lean request still arriving
-                self._held = data
+                self._held = data[at:]
                 self._body_wait(parsed)
                 return
             answer = lean(parsed[0]) if parsed is not None else None
             if answer is None:
                 break
-            data = data[parsed[1]:]
+            at = parsed[1]
             self._kept_alive()
             if isinstance(answer, bytes):
                 transport.write(answer)  # type: ignore[attr-defined]
                 continue
             self._busy = True  # the next requests wait (unread) until this answer is out
-            self._held = data
+            self._held = data[at:]
             transport.pause_reading()  # type: ignore[attr-defined]
             self._finishing = asyncio.ensure_future(self._finish(answer))
             return
@@ -256,7 +258,7 @@ class _Watched(asyncio.Protocol):
             return
         self._body_wait(None)
         self._lean = None
-        inner.data_received(data)
+        self.inner.data_received(data[at:] if at else data)
 
     def _body_wait(self, arrived: int | None) -> None:
         """While a lean request's body is arriving (``arrived`` bytes of it so far), each

@@ -65,15 +65,15 @@ class LeanRequest:
 MORE_HEAD = -1  # parse(): the head has not all arrived yet
 
 
-def parse(buffer: bytes | bytearray, max_body_bytes: int) -> tuple[LeanRequest, int] | int | None:
-    """The request at the start of ``buffer`` and the bytes it took; while it is still
-    arriving, MORE_HEAD or how many of its body bytes are here; None when it is not
-    one the lean path answers (aiohttp then reads it from the same bytes)."""
-    end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
+def parse(buffer: bytes | bytearray, max_body_bytes: int, at: int = 0) -> tuple[LeanRequest, int] | int | None:
+    """The request at offset ``at`` of ``buffer`` and the offset where it ends; while it
+    is still arriving, MORE_HEAD or how many of its body bytes are here; None when it
+    is not one the lean path answers (aiohttp then reads it from the same bytes)."""
+    end = buffer.find(b"\r\n\r\n", at, at + MAX_HEAD_BYTES + 4)
     if end < 0:
-        return MORE_HEAD if _may_become_lean(bytes(buffer)) else None
-    line_end = buffer.find(b"\r\n", 0, end + 2)
-    first = REQUEST_LINE.fullmatch(buffer, 0, line_end)
+        return MORE_HEAD if _may_become_lean(bytes(buffer[at:at + MAX_HEAD_BYTES])) else None
+    line_end = buffer.find(b"\r\n", at, end + 2)
+    first = REQUEST_LINE.fullmatch(buffer, at, line_end)
     if first is None or HEADER_LINES.fullmatch(buffer, line_end + 2, end + 2) is None:
         return None
     headers: dict[bytes, bytes] = {}
@@ -151,8 +151,8 @@ class LeanInfer:
     def __init__(self, http: "HttpTransport") -> None:
         self.http = http
 
-    def parse(self, buffer: bytes | bytearray) -> tuple[LeanRequest, int] | int | None:
-        return parse(buffer, min(self.http.max_body_bytes, OFFLOAD_BYTES))
+    def parse(self, buffer: bytes | bytearray, at: int) -> tuple[LeanRequest, int] | int | None:
+        return parse(buffer, min(self.http.max_body_bytes, OFFLOAD_BYTES), at)
 
     @property
     def body_timeout(self) -> float:

@@ -113,3 +113,15 @@ def test_the_ready_made_answers_are_what_render_writes():
         render(200, [("Content-Type", "application/json")], b'{"a":1}'))
     assert undated(answer_bytes(b"{}ab", 2)) == undated(render(
         200, [("Inference-Header-Content-Length", "2"), ("Content-Type", "application/octet-stream")], b"{}ab"))
+
+
+def test_requests_are_read_at_an_offset_without_slicing():
+    one = request(body=b"{}")
+    two = request("/v2/models/n/infer", body=b"[1]")
+    buffer = one + two + two[:10]
+    first, at = parse(buffer, LIMIT)
+    second, end = parse(buffer, LIMIT, at)
+    assert (first.model, bytes(first.body), second.model, bytes(second.body)) == ("m", b"{}", "n", b"[1]")
+    assert end == len(one + two)
+    assert parse(buffer, LIMIT, end) == MORE_HEAD
+    assert parse(one + b"GET / HTTP/1.1\r\n\r\n", LIMIT, len(one)) is None
