@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 RATE_LIMITED_LOGGERS = ("asyncio", "aiohttp.server", "aiohttp.web", "edged.transports.http", __name__)
 FD_RESERVE = 128  # descriptors kept for models, files and the state database
 TRIM_AFTER_BYTES = 1024 * 1024  # give memory back once requests this big are done
+HOLD_BYTES = 1024 * 1024  # bytes a lean connection holds while aiohttp answers; beyond, aiohttp keeps it
+IDLE_POLL_S = 0.0002  # first check whether aiohttp has answered a request handed to it
+IDLE_POLL_MAX_S = 0.01
 
 
 class RequestTimeout(EdgedError):
@@ -179,9 +182,11 @@ class _Watched(asyncio.Protocol):
     """Wraps aiohttp's protocol for one connection: counts it, and closes it when its
     first request's headers do not arrive within ``header_timeout`` seconds.
 
-    With the gate's ``lean`` path, requests it can read (``edged.transports.http_fast``)
-    are answered here; the first one it cannot read, and all bytes after it, go to
-    aiohttp, which keeps the connection from then on."""
+    With the gate's ``lean`` path (``edged.transports.http_fast``), the requests it
+    reads are answered here. Another plain request is handed to aiohttp on its own,
+    and the lean path goes on once aiohttp has answered it; anything else (a body
+    still streaming in, chunked, an upgrade...) and all bytes after it go to aiohttp,
+    which keeps the connection from then on. Answers leave in request order."""
 
     def __init__(self, inner: Any, gate: "ConnectionGate") -> None:
         self.inner = inner
@@ -190,8 +195,8 @@ class _Watched(asyncio.Protocol):
         self._tail = b""
         self._transport: asyncio.BaseTransport | None = None
         self._lean = gate.lean
-        self._held = b""  # bytes that came while a lean answer was being made
-        self._busy = False
+        self._held = b""  # bytes read while an answer is being made (or a request is still arriving)
+        self._busy: str | None = None  # "lean": a lean answer is made in a coroutine; "aiohttp": aiohttp answers one
         self._paused = False
         self._body_timer: asyncio.TimerHandle | None = None
         self._finishing: asyncio.Future[None] | None = None
@@ -200,10 +205,11 @@ class _Watched(asyncio.Protocol):
         self._transport = transport
         self._timer = asyncio.get_running_loop().call_later(self.gate.header_timeout, self._headers_late)
         self.inner.connection_made(transport)
-        # The lean path keeps aiohttp's idle timer (http.idle_timeout_s) going; without one, no lean path.
+        # The lean path keeps aiohttp's idle timer (http.idle_timeout_s) going and waits for
+        # aiohttp to be idle; where this aiohttp has neither, no lean path.
         inner = self.inner
-        if self._lean is not None and not (getattr(inner, "_keepalive_timeout", 0) > 0 and hasattr(inner, "_loop")
-                                           and hasattr(inner, "_next_keepalive_close_time")):
+        if self._lean is not None and not (getattr(inner, "_keepalive_timeout", 0) > 0 and all(
+                hasattr(inner, name) for name in ("_loop", "_next_keepalive_close_time", "_waiter", "_messages"))):
             self._lean = None
 
     def _headers_late(self) -> None:
@@ -222,17 +228,21 @@ class _Watched(asyncio.Protocol):
             self._tail = (self._tail + data)[-3:]
         if self._lean is None:
             self.inner.data_received(data)
-        elif self._busy:
+        elif self._busy is not None:
             self._held += data
+            if self._busy == "aiohttp" and len(self._held) > HOLD_BYTES:  # aiohttp keeps it all from here
+                held, self._held, self._busy, self._lean = self._held, b"", None, None
+                if not self._paused and self._transport is not None:
+                    self._transport.resume_reading()  # type: ignore[attr-defined]
+                self.inner.data_received(held)
         else:
             if self._held:
                 data, self._held = self._held + data, b""
             self._serve(data)
 
     def _serve(self, data: bytes) -> None:
-        """Answer the lean requests in ``data``, in order; from the first other one on,
-        the bytes go to aiohttp."""
-        lean, transport = self._lean, self._transport
+        """Answer the lean requests in ``data``, in order; hand aiohttp the others."""
+        lean, transport, inner = self._lean, self._transport, self.inner
         at, size = 0, len(data)
         while at < size and transport is not None:
             parsed = lean.parse(data, at)  # offsets, not slices: no copy of the rest per request
@@ -242,15 +252,20 @@ class _Watched(asyncio.Protocol):
                 return
             answer = lean(parsed[0]) if parsed is not None else None
             if answer is None:
-                break
+                stop = lean.frame(data, at)
+                if stop is None:
+                    break
+                # aiohttp answers this one request; the lean path goes on when aiohttp is idle again
+                self._wait("aiohttp", data[stop:])
+                inner.data_received(data[at:stop])
+                self._aiohttp_idle(IDLE_POLL_S)
+                return
             at = parsed[1]
             self._kept_alive()
             if isinstance(answer, bytes):
                 transport.write(answer)  # type: ignore[attr-defined]
                 continue
-            self._busy = True  # the next requests wait (unread) until this answer is out
-            self._held = data[at:]
-            transport.pause_reading()  # type: ignore[attr-defined]
+            self._wait("lean", data[at:])
             self._finishing = asyncio.ensure_future(self._finish(answer))
             return
         else:
@@ -258,7 +273,38 @@ class _Watched(asyncio.Protocol):
             return
         self._body_wait(None)
         self._lean = None
-        self.inner.data_received(data[at:] if at else data)
+        inner.data_received(data[at:] if at else data)
+
+    def _wait(self, busy: str, held: bytes) -> None:
+        """Read no more requests until the one in hand is answered (``_done``)."""
+        self._busy = busy
+        self._held = held
+        self._body_wait(None)
+        self._transport.pause_reading()  # type: ignore[union-attr]
+
+    def _done(self) -> None:
+        self._busy = None
+        self._finishing = None
+        transport = self._transport
+        if transport is None:
+            return
+        if not self._paused:
+            transport.resume_reading()  # type: ignore[attr-defined]
+        held, self._held = self._held, b""
+        if held:
+            self._serve(held)
+
+    def _aiohttp_idle(self, delay: float) -> None:
+        """Back to the lean path once aiohttp has answered and waits for the next
+        request; checked after ``delay`` seconds, then less and less often."""
+        if self._busy != "aiohttp" or self._transport is None:
+            return
+        inner = self.inner
+        waiter = inner._waiter
+        if waiter is not None and not waiter.done() and not inner._messages:
+            self._done()
+        else:
+            asyncio.get_running_loop().call_later(delay, self._aiohttp_idle, min(2 * delay, IDLE_POLL_MAX_S))
 
     def _body_wait(self, arrived: int | None) -> None:
         """While a lean request's body is arriving (``arrived`` bytes of it so far), each
@@ -286,13 +332,7 @@ class _Watched(asyncio.Protocol):
             return
         transport.write(payload)  # type: ignore[attr-defined]
         self._kept_alive()
-        self._busy = False
-        self._finishing = None
-        if not self._paused:
-            transport.resume_reading()  # type: ignore[attr-defined]
-        held, self._held = self._held, b""
-        if held:
-            self._serve(held)
+        self._done()
 
     def _kept_alive(self) -> None:
         """An answer went out: aiohttp's idle timer counts from now (it reschedules itself)."""
@@ -311,7 +351,7 @@ class _Watched(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self._paused and self._transport is not None:
             self._paused = False
-            if not self._busy:
+            if self._busy is None:
                 self._transport.resume_reading()  # type: ignore[attr-defined]
         self.inner.resume_writing()
 

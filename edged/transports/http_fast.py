@@ -42,6 +42,7 @@ REQUEST_LINE = re.compile(
 # Header lines, each CRLF-ended, as RFC 9110 spells a token name and a visible-ASCII value
 # (no obs-fold, no obs-text, no bare CR or LF).
 HEADER_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}:[ \t]*(?:[\x21-\x7e][\x20-\x7e\t]*)?\r\n){0,64}")
+ANY_REQUEST_LINE = re.compile(rb"[A-Z]{1,16} /[\x21-\x7e]{0,8000} HTTP/1\.1")
 DIGITS = re.compile(rb"[0-9]{1,15}")
 REQUEST_START = b"POST "
 # Headers that change how aiohttp frames or reads a request: such requests go to aiohttp.
@@ -102,6 +103,37 @@ def parse(buffer: bytes | bytearray, max_body_bytes: int, at: int = 0) -> tuple[
     return request, start + size
 
 
+def frame(buffer: bytes | bytearray, at: int, max_body_bytes: int) -> int | None:
+    """Where the request at offset ``at`` ends, when it is a plain HTTP/1.1 request
+    (any method and target; no transfer coding, upgrade, Expect or Connection other
+    than keep-alive; at most one Content-Length) that has all arrived; else None.
+    aiohttp is given exactly such a request, so its parser is between requests after it."""
+    end = buffer.find(b"\r\n\r\n", at, at + MAX_HEAD_BYTES + 4)
+    if end < 0:
+        return None
+    line_end = buffer.find(b"\r\n", at, end + 2)
+    if ANY_REQUEST_LINE.fullmatch(buffer, at, line_end) is None or HEADER_LINES.fullmatch(
+            buffer, line_end + 2, end + 2) is None:
+        return None
+    length = b"0"
+    seen: set[bytes] = set()
+    if line_end < end:
+        for line in buffer[line_end + 2:end].split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            name = name.lower()
+            if name in seen or name in FRAMING:
+                return None
+            seen.add(name)
+            if name == b"content-length":
+                length = value.strip(b" \t")
+            elif name == b"connection" and value.strip(b" \t").lower() != b"keep-alive":
+                return None
+    if DIGITS.fullmatch(length) is None or int(length) > max_body_bytes:
+        return None
+    stop = end + 4 + int(length)
+    return stop if stop <= len(buffer) else None
+
+
 def _may_become_lean(head: bytes) -> bool:
     """Whether the start of a head can still turn into a lean request."""
     if len(head) >= MAX_HEAD_BYTES or not REQUEST_START.startswith(head[:5]) or b"\n" in head.replace(b"\r\n", b""):
@@ -153,6 +185,9 @@ class LeanInfer:
 
     def parse(self, buffer: bytes | bytearray, at: int) -> tuple[LeanRequest, int] | int | None:
         return parse(buffer, min(self.http.max_body_bytes, OFFLOAD_BYTES), at)
+
+    def frame(self, buffer: bytes | bytearray, at: int) -> int | None:
+        return frame(buffer, at, self.http.max_body_bytes)
 
     @property
     def body_timeout(self) -> float:

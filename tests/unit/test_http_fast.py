@@ -125,3 +125,18 @@ def test_requests_are_read_at_an_offset_without_slicing():
     assert end == len(one + two)
     assert parse(buffer, LIMIT, end) == MORE_HEAD
     assert parse(one + b"GET / HTTP/1.1\r\n\r\n", LIMIT, len(one)) is None
+
+
+def test_frame_finds_the_end_of_a_plain_request_of_any_route():
+    from edged.transports.http_fast import frame
+
+    get = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    post = request("/v2/repository/index", body=b'{"ready":true}')
+    assert frame(get + post, 0, LIMIT) == len(get)
+    assert frame(get + post, len(get), LIMIT) == len(get + post)
+    assert frame(post[:-1], 0, LIMIT) is None  # not all here
+    assert frame(request(headers="Transfer-Encoding: chunked\r\n"), 0, LIMIT) is None
+    assert frame(request(headers="Connection: close\r\n"), 0, LIMIT) is None
+    assert frame(request(headers="Content-Length: 2\r\n"), 0, LIMIT) is None
+    assert frame(b"GET /x HTTP/1.0\r\n\r\n", 0, LIMIT) is None
+    assert frame(request(body=b"x" * 10, length=LIMIT + 1), 0, LIMIT) is None
