@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
@@ -22,6 +21,7 @@ from edged.http_limits import (
     ConnectionGate, InflightBudget, RateLimitFilter, RequestTimeout, effective_max_connections,
 )
 from edged.metrics import fast_inc
+from edged.transports.http_body import big_reads, find_malloc_trim
 from edged.v2 import HEADER_LENGTH, decode_request, dumps, encode_response, parse_json_object, response_bytes
 
 log = logging.getLogger(__name__)
@@ -47,43 +47,9 @@ STATUS_BY_CODE: dict[str, int] = {
 }
 BINARY_TYPE = "application/octet-stream"
 OFFLOAD_BYTES = 64 * 1024  # bodies and responses bigger than this are decoded/encoded in a worker thread
-READ_BYTES = 4 << 20  # socket reads for a big body: up to this much at once
 TRIM_DELAY_S = 0.2  # freed memory goes back to the OS this long after big requests, when idle
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _find_malloc_trim() -> Any:
-    """glibc's ``malloc_trim`` from the process's own symbols (no ``find_library``:
-    that runs ``ldconfig`` in a subprocess, 1.5 to 4 ms), or False (musl)."""
-    import ctypes
-
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
-
-
-@contextmanager
-def _big_reads(transport: Any, length: int | None) -> Iterator[None]:
-    """Socket reads of up to READ_BYTES while a big body arrives. asyncio reads at
-    most 256 KiB a loop turn, so a 3 MB body took a dozen turns, each waiting for the
-    GIL while a thread decoded another body (8 clients with 3 MB JSON bodies: 5 to
-    50% more requests per second, interleaved). Only for this body: the transport's
-    own size comes back after it; transports without ``max_size`` (uvloop, TLS) are
-    left as they are."""
-    size = min(length or 0, READ_BYTES)
-    if size <= getattr(transport, "max_size", size):
-        yield
-        return
-    transport.max_size = size
-    try:
-        yield
-    finally:
-        del transport.max_size  # the class's own value again
 
 
 def error_response(exc: EdgedError) -> web.Response:
@@ -361,7 +327,7 @@ class HttpTransport:
         content = request.content
         body = bytearray()
         timeout = self.settings.body_timeout_s
-        with _big_reads(request.transport, request.content_length):
+        with big_reads(request.transport, request.content_length):
             return await self._read_chunks(content, body, timeout)
 
     async def _read_chunks(self, content: Any, body: bytearray, timeout: float) -> bytearray:
@@ -399,7 +365,7 @@ class HttpTransport:
 
     def _trim(self) -> None:
         if self._malloc_trim is None:
-            self._malloc_trim = _find_malloc_trim()
+            self._malloc_trim = find_malloc_trim()
         if self._malloc_trim is not False and self._malloc_trim(0):
             self.m_trims.inc()
 

@@ -2,7 +2,7 @@
 
 import asyncio
 
-from edged.transports.http import READ_BYTES, _big_reads
+from edged.transports.http_body import READ_BYTES, big_reads as _big_reads
 
 
 def test_bigger_reads_only_while_a_big_body_arrives():
