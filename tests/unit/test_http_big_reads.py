@@ -1,8 +1,8 @@
-"""_big_reads: bigger socket reads while a big body arrives, on a real asyncio transport."""
+"""big_reads: bigger socket reads while a big body arrives, on a real asyncio transport."""
 
 import asyncio
 
-from edged.transports.http_body import READ_BYTES, big_reads as _big_reads
+from edged.transports.http_body import READ_BYTES, big_reads
 
 
 def test_bigger_reads_only_while_a_big_body_arrives():
@@ -12,14 +12,14 @@ def test_bigger_reads_only_while_a_big_body_arrives():
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         transport = writer.transport
         seen = [transport.max_size]
-        with _big_reads(transport, 3_000_000):
+        with big_reads(transport, 3_000_000):
             seen.append(transport.max_size)
         seen.append(transport.max_size)
-        with _big_reads(transport, 100 << 20):
+        with big_reads(transport, 100 << 20):
             seen.append(transport.max_size)
-        with _big_reads(transport, 1000):  # smaller than asyncio's own reads: left alone
+        with big_reads(transport, 1000):  # smaller than asyncio's own reads: left alone
             seen.append(transport.max_size)
-        with _big_reads(transport, None):
+        with big_reads(transport, None):
             seen.append(transport.max_size)
         seen.append("max_size" in vars(transport))
         writer.close()
@@ -36,10 +36,10 @@ def test_bigger_reads_only_while_a_big_body_arrives():
 
 
 def test_transports_without_max_size_are_left_alone():
-    class Other:  # what uvloop's or a TLS transport looks like to _big_reads: no max_size
+    class Other:  # what uvloop's or a TLS transport looks like to big_reads: no max_size
         pass
 
     other = Other()
-    with _big_reads(other, 3_000_000):
+    with big_reads(other, 3_000_000):
         assert not hasattr(other, "max_size")
     assert not hasattr(other, "max_size")
