@@ -30,8 +30,8 @@ RATE_LIMITED_LOGGERS = ("asyncio", "aiohttp.server", "aiohttp.web", "edged.trans
 FD_RESERVE = 128  # descriptors kept for models, files and the state database
 TRIM_AFTER_BYTES = 1024 * 1024  # give memory back once requests this big are done
 HOLD_BYTES = 1024 * 1024  # bytes a lean connection holds while aiohttp answers; beyond, aiohttp keeps it
-IDLE_POLL_S = 0.0002  # first check whether aiohttp has answered a request handed to it
-IDLE_POLL_MAX_S = 0.01
+IDLE_POLL_S = 0.005  # whether aiohttp has answered a request handed to it, when no handler said so
+IDLE_POLL_MAX_S = 0.05
 
 
 class RequestTimeout(EdgedError):
@@ -200,6 +200,7 @@ class _Watched(asyncio.Protocol):
         self._paused = False
         self._body_timer: asyncio.TimerHandle | None = None
         self._finishing: asyncio.Future[None] | None = None
+        self._handoffs = 0  # requests handed to aiohttp one by one so far
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -255,10 +256,13 @@ class _Watched(asyncio.Protocol):
                 stop = lean.frame(data, at)
                 if stop is None:
                     break
-                # aiohttp answers this one request; the lean path goes on when aiohttp is idle again
+                # aiohttp answers this one request; the lean path goes on when aiohttp is idle
+                # again: its handler's task says when it is done (``answered``), else a slow poll.
                 self._wait("aiohttp", data[stop:])
+                self.gate.handed[inner] = self
                 inner.data_received(data[at:stop])
-                self._aiohttp_idle(IDLE_POLL_S)
+                self._handoffs += 1
+                asyncio.get_running_loop().call_later(IDLE_POLL_S, self._aiohttp_idle, IDLE_POLL_S, self._handoffs)
                 return
             at = parsed[1]
             self._kept_alive()
@@ -294,17 +298,26 @@ class _Watched(asyncio.Protocol):
         if held:
             self._serve(held)
 
-    def _aiohttp_idle(self, delay: float) -> None:
+    def answered(self, _task: Any = None) -> None:
+        """aiohttp's task for the request handed to it is done (its answer is written):
+        aiohttp is idle now or at its next step."""
+        self._aiohttp_idle(0.0, self._handoffs)
+
+    def _aiohttp_idle(self, delay: float, handoff: int) -> None:
         """Back to the lean path once aiohttp has answered and waits for the next
-        request; checked after ``delay`` seconds, then less and less often."""
-        if self._busy != "aiohttp" or self._transport is None:
+        request; else checked again after ``delay`` seconds (the next loop step for 0),
+        then less and less often. ``handoff`` is the hand-over this check is for."""
+        if self._busy != "aiohttp" or self._transport is None or handoff != self._handoffs:
             return
         inner = self.inner
         waiter = inner._waiter
         if waiter is not None and not waiter.done() and not inner._messages:
+            self.gate.handed.pop(inner, None)
             self._done()
+        elif delay <= 0:
+            asyncio.get_running_loop().call_soon(self._aiohttp_idle, IDLE_POLL_S, handoff)
         else:
-            asyncio.get_running_loop().call_later(delay, self._aiohttp_idle, min(2 * delay, IDLE_POLL_MAX_S))
+            asyncio.get_running_loop().call_later(delay, self._aiohttp_idle, min(2 * delay, IDLE_POLL_MAX_S), handoff)
 
     def _body_wait(self, arrived: int | None) -> None:
         """While a lean request's body is arriving (``arrived`` bytes of it so far), each
@@ -361,6 +374,7 @@ class _Watched(asyncio.Protocol):
             self._timer = None
         self._body_wait(None)
         self.gate.live.discard(self)
+        self.gate.handed.pop(self.inner, None)
         self._transport = None
         self.inner.connection_lost(exc)
 
@@ -377,6 +391,9 @@ class ConnectionGate:
         self.header_timeout = header_timeout
         self.on_refused = on_refused
         self.live: weakref.WeakSet[_Watched] = weakref.WeakSet()  # a failed TLS handshake just drops out
+        # aiohttp protocol -> its lean connection, while aiohttp answers a request handed to it
+        # (the HTTP middleware tells the connection when that request's task is done).
+        self.handed: dict[Any, _Watched] = {}
         self.refused = 0
         self.timed_out = 0
 

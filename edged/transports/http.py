@@ -152,6 +152,12 @@ class HttpTransport:
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """The one middleware (each layer costs every request): checks the bearer token
         before a byte of the body is read, and turns errors into JSON answers."""
+        gate = self.gate
+        if gate is not None and gate.handed:  # a lean connection waits for this request's answer
+            lean = gate.handed.pop(request.protocol, None)
+            task = asyncio.current_task()
+            if lean is not None and task is not None:
+                task.add_done_callback(lean.answered)
         try:
             if self.tokens is not None:
                 self._authorize(request)

@@ -32,6 +32,7 @@ from edged.v2 import HEADER_LENGTH, DecodedRequest, decode_request, encode_respo
 
 if TYPE_CHECKING:
     from edged.http_limits import Hold
+    from edged.model_entry import ModelEntry
     from edged.transports.http import HttpTransport
 
 log = logging.getLogger(__name__)
@@ -175,10 +176,10 @@ def render(status: int, headers: list[tuple[str, str]], body: bytes) -> bytes:
 
 
 class LeanInfer:
-    """The lean path's infer handler: the steps of ``HttpTransport.infer`` for a request
-    that runs on the loop, answered as bytes. None hands the request to aiohttp
-    (only before anything is counted or run, so aiohttp starts it afresh); a
-    coroutine finishes a response too big to encode on the loop."""
+    """The lean path's infer handler: the steps of ``HttpTransport.infer``, answered as
+    bytes, or by a coroutine when the model runs in a worker thread or the batcher or
+    the response is too big to encode on the loop. None hands the request to aiohttp
+    (only before anything is counted or run, so aiohttp starts it afresh)."""
 
     def __init__(self, http: "HttpTransport") -> None:
         self.http = http
@@ -202,21 +203,17 @@ class LeanInfer:
 
     def __call__(self, request: LeanRequest) -> bytes | None | Awaitable[bytes]:
         http = self.http
-        if http.inline_max_us <= 0:
-            return None
         if http.tokens is not None:
             authorization = request.headers.get(b"authorization")
             try:
                 check_access(http.tokens, Access.INFER, authorization.decode() if authorization is not None else None)
             except EdgedError:
                 return None  # aiohttp answers the refusal, counts and logs it
+        dataplane = http.dataplane
         try:
-            entry = http.dataplane.check_model(request.model, request.version)
+            entry = dataplane.check_model(request.model, request.version)
         except EdgedError:
-            return None
-        typical = entry.typical_latency_s
-        if entry.batcher is not None or typical is None or typical * 1e6 > http.inline_max_us:
-            return None  # aiohttp hands it to a worker thread or the batcher
+            return None  # aiohttp answers it (nothing was counted)
         header = request.headers.get(HEADER_LENGTH_KEY)
         if header is not None and DIGITS.fullmatch(header) is None:
             return None  # aiohttp names what is wrong with it
@@ -226,34 +223,50 @@ class LeanInfer:
             hold = http.budget.hold(min(len(body) or max_body, max_body))
         except EdgedError as exc:
             return error_bytes(exc)
-        finish = None
+        later = None
         try:
             decoded = decode_request(request.model, request.version, body, int(header) if header is not None else None,
                                      hold.take)
             del body
-            dataplane = http.dataplane
-            if not dataplane.runs_inline(decoded.request, http.inline_max_us, entry):
-                return None
-            http._inline_inc(1)
             http._lean_inc(1)
+            if not dataplane.runs_inline(decoded.request, http.inline_max_us, entry):
+                later = self._later(hold, entry, decoded, None)
+                return later
+            http._inline_inc(1)
             response = dataplane.infer(decoded.request, "http", entry)
             size = response_bytes(response)
             hold.take(size * 4)  # JSON text of numbers takes up to ~4x their binary size
             if size > OFFLOAD_BYTES:
-                finish = self._encode_later(hold, response, decoded)
-                return finish
+                later = self._later(hold, entry, decoded, response)
+                return later
             return answer_bytes(*encode_response(response, decoded.binary_outputs, decoded.all_binary))
         except Exception as exc:
             return error_bytes(exc)
         finally:
-            if finish is None and hold.release():
+            if later is None and hold.release():
                 http._trim_soon()
 
-    async def _encode_later(self, hold: Hold, response: InferenceResponse, decoded: DecodedRequest) -> bytes:
+    async def _later(self, hold: Hold, entry: ModelEntry, decoded: DecodedRequest,
+                     response: InferenceResponse | None) -> bytes:
+        """The rest of ``HttpTransport.infer`` off the loop: the model call in a worker
+        thread or the batcher (unless ``response`` is here), a big response encoded in a
+        worker thread."""
         http = self.http
+        dataplane = http.dataplane
         try:
-            encoded = await http._codec("encode", response_bytes(response), encode_response, response,
-                                        decoded.binary_outputs, decoded.all_binary)
+            if response is None:
+                if entry.batcher is not None:  # one thread hop per batch, not per request
+                    response = await dataplane.infer_batched(decoded.request, "http", entry)
+                else:
+                    response = await http._offload(dataplane.infer, decoded.request, "http", entry)
+                size = response_bytes(response)
+                hold.take(size * 4)
+            else:
+                size = response_bytes(response)
+            if size <= OFFLOAD_BYTES:
+                return answer_bytes(*encode_response(response, decoded.binary_outputs, decoded.all_binary))
+            encoded = await http._codec("encode", size, encode_response, response, decoded.binary_outputs,
+                                        decoded.all_binary)
             return answer_bytes(*encoded)
         except Exception as exc:
             return error_bytes(exc)
