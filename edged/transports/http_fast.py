@@ -3,12 +3,17 @@ on a keep-alive HTTP/1.1 connection, whole request already received.
 
 aiohttp stays the server: this only reads requests that are plainly what the hot
 path expects (strict request line, no transfer or content coding, no ``Expect``,
-``Connection`` only ``keep-alive``, one Content-Length) and answers them in the
-protocol's ``data_received`` without aiohttp's request, task and response
-objects. Anything else -- another route, an odd header, a body still arriving,
-a failed token check, a model that does not run inline -- is handed to aiohttp
-byte for byte (``edged.http_limits._Watched``), and the connection stays with
-aiohttp from then on. Answers are the bytes aiohttp would have sent.
+``Connection`` only ``keep-alive``, one Content-Length, a body of at most 64 KiB)
+and answers them from the connection's protocol (``edged.http_limits._Watched``)
+without aiohttp's request, task and response objects, with the steps and the
+answer bytes of ``HttpTransport.infer``. A model that runs in a worker thread or the
+batcher is answered by a coroutine; the connection reads on when it is sent.
+
+Anything else goes to aiohttp byte for byte: a plain request (another route, a
+failed token check, an unknown model, a big body that has all arrived) on its own,
+after which the connection comes back here once aiohttp has answered it (``frame``);
+anything else (chunked, an upgrade, a body still streaming in) with all the bytes
+after it, and aiohttp keeps that connection.
 """
 
 from __future__ import annotations
