@@ -301,6 +301,15 @@ def served_version(vm: Vm) -> str:
     return meta.get("parameters", {}).get("version", "") if status == 200 else ""
 
 
+def reached(vm: Vm, marker: str) -> bool:
+    """Whether the journal shows ``marker``; a refused update fails at once, with its reason."""
+    journal = vm.journal()
+    refused = [line for line in journal.splitlines() if "OTA message" in line and "refused" in line]
+    if refused:
+        raise Failure(f"the device refused the update: {refused[-1]}")
+    return marker in journal
+
+
 def ota_cuts(vm: Vm, work: Path, broker_port: int, bundle_port: int) -> list[dict]:
     """For each state: hold the update there, cut the power, boot, check, let it complete."""
     keys = make_keys(work, "fleet")
@@ -320,7 +329,7 @@ def ota_cuts(vm: Vm, work: Path, broker_port: int, bundle_port: int) -> list[dic
         message = build_message(archive, f"http://{HOST_FROM_GUEST}:{bundle_port}/", [DEVICE], fleet_key=keys.private)
         publish(broker, [topic], message.to_json())
         marker = f"EDGED_OTA_PAUSE_AT={state}: update paused"
-        vm.wait(lambda: marker in vm.journal(), 300 * vm.slow, f"the update to {version} to reach {state}", 2.0)
+        vm.wait(lambda: reached(vm, marker), 300 * vm.slow, f"the update to {version} to reach {state}", 2.0)
         vm.cut()
         vm.boot()
         startup = vm.journal().split(f"OTA {MODEL}:")[0]

@@ -28,7 +28,7 @@ PY=${PY:-.venv/bin/python}
 BUNDLE=${EDGED_VM_BUNDLE:-digits-onnx}
 LATE=${EDGED_VM_LATE_BUNDLE:-digits-openvino}   # listed only at the reload
 BUNDLES=${EDGED_VM_BUNDLES:-digits-onnx digits-tflite digits-openvino}
-EXTRAS=${EDGED_VM_EXTRAS:-onnx,tflite,openvino}
+EXTRAS=${EDGED_VM_EXTRAS:-onnx,tflite,openvino,ota}
 STEPS=" ${EDGED_VM_STEPS:-reload watchdog reboot power ansible} "
 [[ ${EDGED_VM_ANSIBLE:-1} == 1 ]] || STEPS=${STEPS/ ansible / }
 wanted() { [[ $STEPS == *" $1 "* ]]; }
