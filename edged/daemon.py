@@ -28,14 +28,11 @@ def trim_heap() -> bool:
     a model reads, parses and copies its file, and malloc keeps what was freed
     (in every thread's arena) as part of the RSS. False where the C library
     has no ``malloc_trim`` (musl)."""
-    import ctypes
+    from edged.transports.http_body import find_malloc_trim
 
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    trim = find_malloc_trim()
+    if trim is False:
         return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
     trim(0)
     return True
 

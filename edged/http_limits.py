@@ -7,8 +7,6 @@ Used by edged.transports.http; nothing here knows about routes or models.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import resource
 import threading
@@ -87,18 +85,6 @@ def effective_max_connections(configured: int) -> int:
         log.warning("http.max_connections %d lowered to %d: the open-file limit is %d "
                     "(raise it with LimitNOFILE= in the unit, or ulimit -n)", configured, cap, soft)
     return min(configured, cap)
-
-
-def malloc_trim() -> bool:
-    """Hand freed heap memory back to the OS (glibc); False where there is no glibc."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
 
 
 class InflightBudget:
