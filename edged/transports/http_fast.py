@@ -83,16 +83,8 @@ def parse(buffer: bytes | bytearray, max_body_bytes: int, at: int = 0) -> tuple[
     first = REQUEST_LINE.fullmatch(buffer, at, line_end)
     if first is None or HEADER_LINES.fullmatch(buffer, line_end + 2, end + 2) is None:
         return None
-    headers: dict[bytes, bytes] = {}
-    if line_end < end:
-        for line in buffer[line_end + 2:end].split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            name = name.lower()
-            if name in headers or name in FRAMING:
-                return None
-            headers[name] = value.strip(b" \t")
-    connection = headers.get(b"connection")
-    if connection is not None and connection.lower() != b"keep-alive":
+    headers = _header_fields(buffer, line_end, end)
+    if headers is None:
         return None
     length = headers.get(b"content-length")
     if length is None or DIGITS.fullmatch(length) is None:
@@ -121,23 +113,32 @@ def frame(buffer: bytes | bytearray, at: int, max_body_bytes: int) -> int | None
     if ANY_REQUEST_LINE.fullmatch(buffer, at, line_end) is None or HEADER_LINES.fullmatch(
             buffer, line_end + 2, end + 2) is None:
         return None
-    length = b"0"
-    seen: set[bytes] = set()
-    if line_end < end:
-        for line in buffer[line_end + 2:end].split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            name = name.lower()
-            if name in seen or name in FRAMING:
-                return None
-            seen.add(name)
-            if name == b"content-length":
-                length = value.strip(b" \t")
-            elif name == b"connection" and value.strip(b" \t").lower() != b"keep-alive":
-                return None
+    headers = _header_fields(buffer, line_end, end)
+    if headers is None:
+        return None
+    length = headers.get(b"content-length", b"0")
     if DIGITS.fullmatch(length) is None or int(length) > max_body_bytes:
         return None
     stop = end + 4 + int(length)
     return stop if stop <= len(buffer) else None
+
+
+def _header_fields(buffer: bytes | bytearray, line_end: int, end: int) -> dict[bytes, bytes] | None:
+    """The header fields between the request line (ending at ``line_end``) and the blank
+    line (at ``end``): names lower case, values stripped. None when a name repeats, one
+    changes how the request is framed (FRAMING), or Connection is other than keep-alive."""
+    headers: dict[bytes, bytes] = {}
+    if line_end < end:
+        for line in buffer[line_end + 2:end].split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            name = name.lower()
+            if name in headers or name in FRAMING:
+                return None
+            headers[name] = value.strip(b" \t")
+    connection = headers.get(b"connection")
+    if connection is not None and connection.lower() != b"keep-alive":
+        return None
+    return headers
 
 
 def _may_become_lean(head: bytes) -> bool:
