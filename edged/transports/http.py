@@ -80,7 +80,7 @@ class HttpTransport:
     def __init__(self, dataplane: DataPlane, host: str, port: int, max_body_bytes: int, workers: int = 8,
                  inline_max_us: float = 0.0, settings: HttpConfig | None = None) -> None:
         self.dataplane = dataplane
-        self.inline_max_us = inline_max_us
+        self._inline_max_us = inline_max_us
         config = getattr(dataplane, "config", None)
         self.settings = settings or (config.http if config is not None else HttpConfig())
         self._resolve = config.resolve if config is not None else (lambda path: path)
@@ -177,6 +177,12 @@ class HttpTransport:
             self.m_refused.labels(exc.code).inc()
             log.warning("HTTP %s %s refused: %s", request.method, request.path, exc.message)
             raise
+
+    @property
+    def inline_max_us(self) -> float:
+        """``http.inline_max_us``; 0 (never on the loop) while each result is written to disk
+        before its answer (``mqtt.publish_http_results``: an outbox commit with its fsync)."""
+        return 0.0 if self.dataplane.result_listeners else self._inline_max_us
 
     # -- lifecycle --------------------------------------------------------
     async def start(self) -> None:

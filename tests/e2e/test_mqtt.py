@@ -372,6 +372,8 @@ def test_concurrent_http_results_have_unique_increasing_seq(broker, demo_bundles
         seqs = [json.loads(watcher.get().payload)["seq"] for _ in range(threads * per_thread)]
         first_seen = list(dict.fromkeys(seqs))
         assert len(first_seen) == threads * per_thread and first_seen == sorted(first_seen)
+        # Each result is committed to the outbox (an fsync) before its answer: never on the event loop.
+        assert metric(daemon, "edged_http_inline_requests_total") == 0.0
     finally:
         daemon.stop()
         watcher.close()
