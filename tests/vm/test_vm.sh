@@ -18,6 +18,7 @@
 #                       the checks to run after the install (all by default), in that order
 #   EDGED_VM_CUTS=N     power cuts while results go through the outbox (default 20; then one cut
 #                       in each of the 9 OTA states): tests/vm/power_cut.py
+#   EDGED_VM_POWER_PARTS=outbox,ota  which power-cut parts run
 #   EDGED_VM_ANSIBLE=0  skip the Ansible step (as leaving ansible out of EDGED_VM_STEPS does)
 # A failure names the step it happened in and prints the guest's `journalctl -u edged`
 # before the VM is destroyed.
@@ -254,7 +255,8 @@ say "reboot: edged active and answering again"
 fi
 if wanted power; then
   step "power cuts (tests/vm/power_cut.py)"
-  "$PY" tests/vm/power_cut.py --vm-dir "$VM" --http-port "$HTTP_PORT" --slow "$SLOW" --cuts "${EDGED_VM_CUTS:-20}" 2>&1 \
+  "$PY" tests/vm/power_cut.py --vm-dir "$VM" --http-port "$HTTP_PORT" --slow "$SLOW" --cuts "${EDGED_VM_CUTS:-20}" \
+    --parts "${EDGED_VM_POWER_PARTS:-outbox,ota}" 2>&1 \
     | tee "$VM/power.log" || fail "power cuts: $(grep -m1 "FAILED" "$VM/power.log")"
   say "power cuts: $(tail -n 1 "$VM/power.log")"
 fi
