@@ -125,7 +125,7 @@ class Updater(HealthWatch):
                     reason=f"interrupted while {state} by a restart; {active or 'the previous version'} kept serving; "
                     "the update resumes when its message arrives again",
                 )
-                note = f"update to {target} interrupted while {state}; serving {active}"
+                note = f"update to {target} interrupted while {state}; serving {active or 'the bundle in models_dir'}"
             elif state == "watching":
                 journal["boots"] = int(journal.get("boots", 0)) + (0 if journal.get("clean_stop") else 1)
                 journal["clean_stop"] = False
