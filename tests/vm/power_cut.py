@@ -316,7 +316,7 @@ def ota_cuts(vm: Vm, work: Path, broker_port: int, bundle_port: int) -> list[dic
     """For each state: hold the update there, cut the power, boot, check, let it complete."""
     keys = make_keys(work, "fleet")
     vm.sh(f"install -d /etc/edged/trusted-keys && cat > /etc/edged/trusted-keys/fleet.pub <<'PUB'\n"
-          f"{(keys.trusted_dir / 'fleet.pub').read_text()}PUB")
+          f"{(keys.trusted_dir / 'fleet.pub').read_text()}PUB\nsync")  # on disk before the first cut
     vm.restart_edged()
     site = work / "site"
     broker = Broker(port=broker_port)
@@ -344,7 +344,7 @@ def ota_cuts(vm: Vm, work: Path, broker_port: int, bundle_port: int) -> list[dic
         store = json.loads(vm.python(STORE_CHECK))
         if store["active"] not in (current, version) and not (store["active"] is None and state != "watching"):
             raise Failure(f"cut at {state}: the store's active version is {store['active']}")
-        vm.wait(lambda: served_version(vm) == version and f"OTA {MODEL}: active" in vm.journal(),
+        vm.wait(lambda: reached(vm, f"OTA {MODEL}: active") and served_version(vm) == version,
                 300 * vm.slow, f"the update to {version} to complete after the cut at {state}", 2.0)
         store = json.loads(vm.python(STORE_CHECK))
         if store["active"] != version or store["leftovers"]:
@@ -382,7 +382,8 @@ enabled = true
 allowed_url_prefixes = ["http://{HOST_FROM_GUEST}:{bundle_port}/"]
 health_window_s = 5
 TOML
-rm -f /var/lib/edged/outbox.sqlite* /etc/systemd/system/edged.service.d/test-watchdog.conf""")
+rm -f /var/lib/edged/outbox.sqlite* /etc/systemd/system/edged.service.d/test-watchdog.conf
+sync""")
     vm.restart_edged()
 
 
