@@ -33,6 +33,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root``: a directory renamed into place
+    must not come back after a power cut with empty files (ext4 writes new files'
+    data late; a rename alone orders nothing for them)."""
+    for path in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            _fsync_dir(path)
+        else:
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(root)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temp file, fsync it, rename it over ``path``, fsync the dir."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,6 +113,7 @@ class ModelStore:
             raise ValueError(f"{model} {version} is active; it cannot be replaced in place")
         if dest.exists():
             shutil.rmtree(dest)
+        _fsync_tree(unpacked)
         os.replace(unpacked, dest)
         _fsync_dir(dest.parent)
         return dest
@@ -111,6 +127,7 @@ class ModelStore:
         staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=dest.parent))
         try:
             shutil.copytree(source, staging, dirs_exist_ok=True)
+            _fsync_tree(staging)
             os.replace(staging, dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

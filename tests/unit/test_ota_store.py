@@ -111,3 +111,28 @@ def test_disk_space_check_names_the_shortfall(tmp_path):
     with pytest.raises(UpdateFailed, match="not enough disk space"):
         check_disk_space(tmp_path, 1 << 60)
     check_disk_space(tmp_path, 1024)
+
+
+def test_install_and_import_sync_every_file_before_the_rename(tmp_path, monkeypatch):
+    """A version directory must survive a power cut whole: every file and directory in it
+    is fsynced before it is renamed into the store (make test-vm's OTA power cut once found
+    an installed version's manifest.json empty after the boot)."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    bundle = _bundle(tmp_path, "a")
+    (bundle / "sub").mkdir()
+    (bundle / "sub" / "model.bin").write_bytes(b"x" * 10)
+    store = ModelStore(tmp_path / "store")
+    store.install("m", "1.0.0", bundle)
+    for name in ("manifest.json", "sub/model.bin", "sub"):
+        assert str(bundle / name) in synced, synced
+    synced.clear()
+    source = _bundle(tmp_path, "b")
+    store.import_copy("m", "0.9.0", source)
+    assert any(path.endswith("/manifest.json") and "/store/m/" in path for path in synced), synced
