@@ -135,6 +135,10 @@ class Updater(HealthWatch):
                     note = f"{target} rolled back to {journal['previous']}: {reason}"
                 elif time.time() - float(journal.get("swapped_at", 0)) > self.cfg.health_window_s:
                     journal.update(state="active", reason="")
+                    # The same line as a live watch ends with, so logs read alike either way.
+                    log.info("OTA %s: active (its %.0f s health window ended while the daemon was down)",
+                             model, self.cfg.health_window_s)
+                    note = f"{target} passed its health window while the daemon was down: active"
                 else:
                     note = f"{target} still inside its health window ({journal['boots']} unclean restart(s))"
             self.store.write_journal(model, journal)

@@ -337,7 +337,9 @@ def ota_cuts(vm: Vm, work: Path, broker_port: int, bundle_port: int) -> list[dic
         vm.wait(lambda: reached(vm, marker), 300 * vm.slow, f"the update to {version} to reach {state}", 2.0)
         vm.cut()
         vm.boot()
-        startup = vm.journal().split(f"OTA {MODEL}:")[0]
+        # What start-up loaded: the journal before the resumed update downloads (a cut at
+        # 'watching' logs "active" at start-up instead, when the boot outlasted the window).
+        startup = vm.journal().split(f"OTA {MODEL}: downloading")[0]
         wanted = version if state == "watching" else current
         if f"loaded {MODEL} {wanted} " not in startup:
             raise Failure(f"cut at {state}: start-up did not load {wanted}:\n{startup[-1500:]}")
