@@ -44,7 +44,11 @@ install-test: $(VENV)/.stamp-test
 # upgrades torch to 2.14.1; 0.28.0 beside torch 2.13.0+cpu fails with "operator
 # torchvision::nms does not exist"). Cost: about 6.8 GB, 3.2 GB of it nvidia-*.
 TORCH_VENV := build/torch-venv
+TORCH_VENV_NEEDS_GB := 10
 $(TORCH_VENV)/.stamp: pyproject.toml
+	@mkdir -p build; free=$$(df -Pk build | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ "$$free" -lt $(TORCH_VENV_NEEDS_GB) ]; then \
+	  echo "error: $(TORCH_VENV) needs about $(TORCH_VENV_NEEDS_GB) GB free (6.8 GB venv plus pip's downloads); $$(df -Ph build | awk 'NR==2 {print $$4}') free on the disk of build/. Free space, or run make test-fast."; exit 1; fi
 	$(PYTHON) -m venv $(TORCH_VENV)
 	$(TORCH_VENV)/bin/pip install --quiet -e '.[convert-torch,onnx]'
 	touch $@
