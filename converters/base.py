@@ -24,6 +24,8 @@ from converters.errors import ConversionError, ConverterUnavailable, Unsupported
 from edged.tensors import TensorSpec
 
 SAMPLE_COUNT = 8
+# Self-test floor of int8 bundles, as a fraction of each output's largest |value| on the samples.
+INT8_PEAK_FRACTION = 0.2
 Feed = dict[str, np.ndarray]
 
 
@@ -215,6 +217,13 @@ def finish_bundle(
             raise ConversionError(f"{info.name}: the converted model gives NaN/Inf on the sample inputs")
         # Self-test passes with a 2x margin over the error seen on the samples.
         manifest.tolerance = {"atol": float(max(2.0 * worst, 1e-3)), "rtol": 0.0}
+        if provenance.get("precision") == "int8":
+            # Another CPU's int8 kernels accumulate and round differently (x86 without VNNI
+            # saturates u8s8 pairs, arm64 and VNNI do not): the digits bundle whose outputs
+            # were 0.12 off here was 0.75 off in an emulated guest. A floor relative to
+            # each output's peak keeps the self-test for what it is for (a runtime that
+            # computes nonsense) without refusing a correct bundle on the fleet.
+            manifest.tolerance["peak_fraction"] = INT8_PEAK_FRACTION
         manifest.validation = {**validation, "max_abs_error_samples": worst}
         bundle = write_bundle(dest, manifest, files, feed, sample_ref)
     finally:

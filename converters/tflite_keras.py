@@ -124,7 +124,7 @@ class KerasTFLiteConverter:
                 files={"model.tflite": model_path}, inputs=inputs, outputs=outputs, calibration=samples,
                 reference=lambda feed: dict(zip([o.name for o in outputs], src.run(next(iter(feed.values()))).values())),
                 source=source if Path(source).is_file() else Path(source) / "saved_model.pb",
-                provenance={"converter": self.name, "tensorflow": dist_version("tensorflow-cpu") or dist_version("tensorflow"),
+                provenance={"converter": self.name, "precision": "int8", "tensorflow": dist_version("tensorflow-cpu") or dist_version("tensorflow"),
                             "quantization": "full-integer int8 (TFLiteConverter, representative dataset)"},
             )
         finally:

@@ -157,7 +157,7 @@ class TorchTFLiteConverter:
                 files={"model.tflite": model_path}, inputs=inputs, outputs=outputs, calibration=samples,
                 reference=lambda feed: dict(zip([o.name for o in outputs], src.reference(next(iter(feed.values()))).values())),
                 source=Path(source),
-                provenance={"converter": self.name, "torch": dist_version("torch"),
+                provenance={"converter": self.name, "precision": "int8", "torch": dist_version("torch"),
                             "litert_torch": dist_version("litert-torch"),
                             **({"onnx2torch": dist_version("onnx2torch")} if src.from_onnx else {}),
                             "quantization": "PT2E static int8, symmetric, "

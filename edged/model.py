@@ -115,12 +115,15 @@ class LoadedModel:
         got = self.infer(inputs)
         tol = self.bundle.manifest.tolerance
         atol, rtol = float(tol.get("atol", 1e-3)), float(tol.get("rtol", 1e-3))
+        peak_fraction = float(tol.get("peak_fraction", 0.0))  # of each output's largest |value|
         worst = 0.0
         for name, want in expected.items():
             if name not in got:
                 raise BundleError(f"{self.name}: self-test output {name} missing")
-            diff = np.abs(got[name].astype(np.float64) - want.astype(np.float64))
-            allowed = atol + rtol * np.abs(want.astype(np.float64))
+            reference = want.astype(np.float64)
+            diff = np.abs(got[name].astype(np.float64) - reference)
+            peak = float(np.max(np.abs(reference), initial=0.0))
+            allowed = atol + peak_fraction * peak + rtol * np.abs(reference)
             worst = max(worst, float(np.max(diff / allowed)))
         return worst
 
