@@ -168,42 +168,15 @@ def test_symlinked_file_and_unlisted_symlink_are_refused(tmp_path):
         open_bundle(other.root)
 
 
-def _bundle_with_samples_off_by(dest, fraction_of_peak: float, tolerance: dict) -> LoadedModel:
-    """The tiny model with samples.npz outputs moved by a fraction of their peak |value|,
-    as another CPU's int8 kernels would give."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from edged.tensors import TensorSpec
-
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["input", "W"], ["y"])], "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-        [numpy_helper.from_array(WEIGHTS, "W")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    source = dest.parent / "tiny-source.onnx"
-    onnx.save(model, str(source))
-    x = np.random.RandomState(1).rand(2, 4).astype(np.float32)
-    expected = x @ WEIGHTS
-    expected[0, 0] += fraction_of_peak * float(np.abs(expected).max())
-    manifest = Manifest(name="tiny", version="1.0.0", runtime="onnx", model_file="model.onnx",
-                        inputs=[TensorSpec("input", "float32", (-1, 4), "NC")],
-                        outputs=[TensorSpec("y", "float32", (-1, 3), "NC")], tolerance=tolerance)
-    bundle = write_bundle(dest, manifest, {"model.onnx": source}, {"input": x}, {"y": expected})
-    return LoadedModel.load(open_bundle(bundle.root), RuntimeOptions(threads=1))
-
-
 @pytest.mark.parametrize("off_by, peak_fraction, passes", [
     (0.10, 0.0, False),  # an absolute tolerance from this CPU's error refuses another CPU's int8 rounding
     (0.10, 0.2, True),   # the int8 floor takes it
     (0.60, 0.2, False),  # a runtime that computes nonsense still fails
 ])
 def test_self_test_peak_fraction_floor(tmp_path, off_by, peak_fraction, passes):
-    model = _bundle_with_samples_off_by(tmp_path / "b", off_by,
-                                        {"atol": 1e-3, "rtol": 0.0, "peak_fraction": peak_fraction})
+    bundle = write_tiny_bundle(tmp_path / "b", samples_off_by=off_by,
+                               tolerance={"atol": 1e-3, "rtol": 0.0, "peak_fraction": peak_fraction})
+    model = LoadedModel.load(open_bundle(bundle.root), RuntimeOptions(threads=1))
     try:
         assert (model.self_test() <= 1.0) is passes
     finally:

@@ -12,7 +12,10 @@ from edged.tensors import TensorSpec
 WEIGHTS = np.random.RandomState(0).randn(4, 3).astype(np.float32)
 
 
-def write_tiny_bundle(dest: Path, name: str = "tiny", version: str = "1.0.0") -> Bundle:
+def write_tiny_bundle(dest: Path, name: str = "tiny", version: str = "1.0.0", *,
+                      tolerance: dict[str, float] | None = None, samples_off_by: float = 0.0) -> Bundle:
+    """``samples_off_by``: one expected output in samples.npz is moved by that fraction
+    of the outputs' peak |value| (as another CPU's kernels could give)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -33,6 +36,10 @@ def write_tiny_bundle(dest: Path, name: str = "tiny", version: str = "1.0.0") ->
         inputs=[TensorSpec("input", "float32", (-1, 4), "NC")],
         outputs=[TensorSpec("y", "float32", (-1, 3), "NC")],
     )
-    bundle = write_bundle(dest, manifest, {"model.onnx": source}, {"input": x}, {"y": x @ WEIGHTS})
+    if tolerance is not None:
+        manifest.tolerance = tolerance
+    expected = x @ WEIGHTS
+    expected[0, 0] += samples_off_by * float(np.abs(expected).max())
+    bundle = write_bundle(dest, manifest, {"model.onnx": source}, {"input": x}, {"y": expected})
     source.unlink()
     return bundle
