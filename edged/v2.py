@@ -15,6 +15,7 @@ import numpy as np
 
 from edged.dataplane import InferenceRequest, InferenceResponse
 from edged.errors import InvalidInput
+from edged.json_numbers import SimdNumbers
 from edged.tensors import NUMPY_DTYPES, numpy_dtype, v2_datatype
 
 try:  # orjson, as MLServer uses: several times faster, numpy arrays serialized in C
@@ -101,9 +102,13 @@ def _parse_numbers(name: str, text: "_DataText", dtype: np.dtype, datatype: str,
     """The numbers of ``1.5, 2, -3e4`` as ``dtype``, into one array of ``count`` made up
     front (``reserve`` is told its size first). Parsed in pieces of about
     FAST_DATA_CHUNK_BYTES, so the Python floats of only one piece exist at a time
-    and other threads (the event loop) get the GIL between pieces. More or fewer
-    numbers than ``count``: the array has what was found (the caller names the mismatch)."""
+    and other threads (the event loop) get the GIL between pieces (simdjson holds
+    it while it parses, too). Floats are read by simdjson where the text has it
+    (``text.numbers``), else and for any piece it refuses by orjson, which then
+    decides. More or fewer numbers than ``count``: the array has what was found
+    (the caller names the mismatch)."""
     raw, start, stop = text.raw, text.start, text.stop
+    numbers = text.numbers if dtype.kind == "f" else None
     plausible = count <= (stop - start) // 2 + 1  # each number takes a digit and a comma
     if plausible:
         reserve(count * dtype.itemsize)
@@ -112,16 +117,9 @@ def _parse_numbers(name: str, text: "_DataText", dtype: np.dtype, datatype: str,
     while True:
         end = raw.find(b",", min(start + FAST_DATA_CHUNK_BYTES, stop), stop)
         end = stop if end < 0 else end
-        try:
-            values = _load_piece(raw, start, end)
-        except InvalidInput:
-            values = None
-        if values is None or (not values and (filled or end < stop)):
-            raise InvalidInput(f"malformed JSON in request body: input {name}: 'data' is not a list of numbers")
-        piece = _floats(values, dtype) if dtype.kind == "f" else None
-        if piece is None:
-            piece = _asarray(name, values, dtype, datatype)
-        del values
+        piece = _load_piece(raw, start, end, numbers.doubles) if numbers is not None else None
+        if piece is None or not piece.size:  # refused by simdjson (or empty): orjson decides
+            piece = _orjson_piece(name, raw, start, end, dtype, datatype, filled > 0 or end < stop)
         if filled + piece.size <= out.size:
             out[filled:filled + piece.size] = piece
         filled += piece.size
@@ -133,17 +131,31 @@ def _parse_numbers(name: str, text: "_DataText", dtype: np.dtype, datatype: str,
     return out
 
 
-def _load_piece(raw: bytes | bytearray, start: int, end: int) -> Any:
-    """``raw[start:end]`` parsed as the items of a JSON list. In a bytearray the byte
-    before and the byte at ``end`` (a comma or the list's own brackets) become ``[``
-    and ``]`` for the parse and are put back after it: no copy of the piece."""
+def _orjson_piece(name: str, raw: bytes | bytearray, start: int, end: int, dtype: np.dtype, datatype: str,
+                  not_alone: bool) -> np.ndarray:
+    """``raw[start:end]``'s numbers as ``dtype`` by orjson, or InvalidInput naming what is
+    wrong (an empty piece is malformed when it is ``not_alone`` in its list)."""
+    try:
+        values = _load_piece(raw, start, end)
+    except InvalidInput:
+        values = None
+    if values is None or (not values and not_alone):
+        raise InvalidInput(f"malformed JSON in request body: input {name}: 'data' is not a list of numbers")
+    piece = _floats(values, dtype) if dtype.kind == "f" else None
+    return piece if piece is not None else _asarray(name, values, dtype, datatype)
+
+
+def _load_piece(raw: bytes | bytearray, start: int, end: int, parse: Callable[[Any], Any] = loads) -> Any:
+    """``raw[start:end]`` parsed by ``parse`` as the items of a JSON list. In a bytearray
+    the byte before and the byte at ``end`` (a comma or the list's own brackets) become
+    ``[`` and ``]`` for the parse and are put back after it: no copy of the piece."""
     if not isinstance(raw, bytearray) or start < 1 or end >= len(raw):
-        return loads(b"[" + raw[start:end] + b"]")
+        return parse(b"[" + raw[start:end] + b"]")
     before, after = raw[start - 1], raw[end]
     raw[start - 1], raw[end] = 0x5B, 0x5D
     try:
         with memoryview(raw) as view:
-            return loads(view[start - 1:end + 1])
+            return parse(view[start - 1:end + 1])
     finally:
         raw[start - 1], raw[end] = before, after
 
@@ -199,14 +211,18 @@ def _data_lists(raw: bytes) -> list[tuple[int, int, int]]:
     return found
 
 
-def _split_data(raw: bytes, tag: str) -> tuple[bytes, list["_DataText"]]:
+def _split_data(raw: bytes, tag: str, simd_json: bool = True) -> tuple[bytes, list["_DataText"]]:
     """The body with each long flat ``"data": [...]`` list swapped for a placeholder
-    string (``tag`` and its index), and those lists' texts."""
+    string (``tag`` and its index), and those lists' texts (read by one simdjson
+    parser where ``simd_json`` and pysimdjson is installed)."""
     parts, segments, last = [], [], 0
+    numbers: SimdNumbers | None = None
     for key, start, stop in _data_lists(raw):
+        if not segments and simd_json:
+            numbers = SimdNumbers.create()
         parts.append(raw[last:key])
         parts.append(b'"data":"%s%d"' % (tag.encode(), len(segments)))
-        segments.append(_DataText(raw, start, stop))
+        segments.append(_DataText(raw, start, stop, numbers))
         last = stop + 1
     if not segments:
         return raw, []
@@ -214,13 +230,14 @@ def _split_data(raw: bytes, tag: str) -> tuple[bytes, list["_DataText"]]:
     return b"".join(parts), segments
 
 
-def parse_request_json(raw: bytes) -> dict[str, Any]:
+def parse_request_json(raw: bytes, simd_json: bool = True) -> dict[str, Any]:
     """A V2 request's JSON object; long flat numeric ``data`` lists come back as
-    unparsed bytes (``_DataText``) that :func:`decode_request` reads into numpy."""
+    unparsed bytes (``_DataText``) that :func:`decode_request` reads into numpy
+    (with simdjson where ``simd_json`` and it is installed, else with orjson)."""
     if len(raw) < FAST_DATA_MIN_BYTES:
         return parse_json_object(raw)
     tag = f"edged-data-{secrets.token_hex(8)}-"  # a client cannot guess it
-    skeleton, segments = _split_data(raw, tag)
+    skeleton, segments = _split_data(raw, tag, simd_json)
     if segments:
         data = parse_json_object(skeleton)
         found = _swap_placeholders(data, segments, tag)
@@ -232,11 +249,13 @@ def parse_request_json(raw: bytes) -> dict[str, Any]:
 
 @dataclass
 class _DataText:
-    """Where a long numeric ``data`` list's text is in the body (not copied)."""
+    """Where a long numeric ``data`` list's text is in the body (not copied), and the
+    simdjson parser of the body's lists (None: orjson parses them)."""
 
     raw: bytes
     start: int
     stop: int
+    numbers: SimdNumbers | None = None
 
 
 def _swap_placeholders(data: dict[str, Any], segments: list[_DataText], tag: str) -> int:
@@ -266,20 +285,21 @@ def _tensor_from_data(name: str, value: Any, dtype: np.dtype, datatype: str, cou
 
 
 def decode_request(model: str, version: str | None, body: bytes, header_length: int | None,
-                   reserve: Callable[[int], None] = lambda nbytes: None) -> DecodedRequest:
+                   reserve: Callable[[int], None] = lambda nbytes: None, simd_json: bool = True) -> DecodedRequest:
     """Parse a V2 infer request. ``header_length`` is the value of the
     Inference-Header-Content-Length header when binary data follows the JSON.
     ``reserve`` is told the bytes of each tensor made from JSON data (it may raise
-    to refuse the request)."""
+    to refuse the request). ``simd_json=False`` reads long number lists with
+    orjson even where pysimdjson is installed."""
     if header_length is not None:
         if header_length < 0 or header_length > len(body):
             raise InvalidInput(
                 f"{HEADER_LENGTH} is {header_length} but the body has only {len(body)} bytes"
             )
-        data = parse_request_json(body[:header_length])
+        data = parse_request_json(body[:header_length], simd_json)
         start, end = header_length, len(body)
     else:
-        data = parse_request_json(body)
+        data = parse_request_json(body, simd_json)
         start = end = 0
     raw_inputs = data.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
