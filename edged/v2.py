@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - the stdlib fallback
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Flat numeric "data" lists at least this long are parsed in pieces (see _parse_numbers).
 FAST_DATA_MIN_BYTES = 64 * 1024
-FAST_DATA_CHUNK_BYTES = 512 * 1024  # parsed in pieces (~1.5 ms each), so the GIL is let go between them
+FAST_DATA_CHUNK_BYTES = 128 * 1024  # parsed in pieces (~0.15 ms each with simdjson), so the GIL is let go between them
 
 
 @dataclass
