@@ -34,8 +34,10 @@ from edged import __version__
 from edged.config import Config
 from edged.dataplane import INLINE_MAX_BYTES, DataPlane, InferenceRequest, InferenceResponse
 from edged.errors import EdgedError, InvalidInput
+from edged.metrics import fast_inc
 from edged.outbox import Outbox
 from edged.model_entry import ModelEntry
+from edged.transports.mqtt_client import LeanClient
 from edged.transports.mqtt_codec import (  # noqa: F401 (decode_raw and response_topic_problem are re-exported)
     JSON_CONTENT_TYPE, RAW_CONTENT_TYPE, RawReplyFields, decode_raw, pack_fields, reply_properties,
     response_topic_problem, user_properties,
@@ -104,13 +106,14 @@ class MqttTransport:
         self.m_reconnects = Counter("edged_mqtt_reconnects", "Connections to the broker after the first.", registry=r)
         self.m_inline = Counter("edged_mqtt_inline_requests",
                                 "MQTT inferences run on the MQTT network thread (no hop to a worker thread).", registry=r)
+        self._count_inline = fast_inc(self.m_inline)
         self.m_dropped = Counter("edged_outbox_dropped", "Outbox messages dropped by its size or age bound.", registry=r)
         self.m_depth = Gauge("edged_outbox_depth", "Messages waiting in the outbox.", registry=r)
         self.m_age = Gauge("edged_outbox_oldest_age_seconds", "Age of the oldest message in the outbox.", registry=r)
         self._connections = 0
 
     def _make_client(self) -> mqtt.Client:
-        client = mqtt.Client(
+        client = LeanClient(
             mqtt.CallbackAPIVersion.VERSION2, client_id=f"edged-{self.device}", protocol=mqtt.MQTTv5,
         )
         if self.cfg.username:
@@ -250,13 +253,13 @@ class MqttTransport:
             if reply.problem is not None:
                 raise InvalidInput(f"request refused: {reply.problem}")
             content_type = getattr(props, "ContentType", None) or JSON_CONTENT_TYPE
-            request, raw = self._decode(model, message.payload, content_type, user_properties(props))
-            if inline and not self.dataplane.runs_inline(request, self.inline_max_us):
-                self._submit(self._answer, message.topic, reply, lambda: self._infer(request, raw))
+            request, raw, entry = self._decode(model, message.payload, content_type, user_properties(props))
+            if inline and not self.dataplane.runs_inline(request, self.inline_max_us, entry):
+                self._submit(self._answer, message.topic, reply, lambda: self._infer(request, raw, entry))
                 return None
             if inline:
-                self.m_inline.inc()
-            return self._infer(request, raw)
+                self._count_inline(1)
+            return self._infer(request, raw, entry)
 
         self._answer(message.topic, reply, work)
 
@@ -293,12 +296,14 @@ class MqttTransport:
         body = json.dumps({"error": message, "code": code}).encode()
         return body, pack_fields(JSON_CONTENT_TYPE, [("error_code", code)])
 
-    def _decode(self, model: str, payload: bytes, content_type: str, user: dict[str, str]) -> tuple[InferenceRequest, bool]:
-        """The request and whether it is a raw tensor (else V2 JSON)."""
+    def _decode(self, model: str, payload: bytes, content_type: str,
+                user: dict[str, str]) -> tuple[InferenceRequest, bool, ModelEntry]:
+        """The request, whether it is a raw tensor (else V2 JSON), and the model version
+        it goes to (found once, before a large body is decoded: ModelNotFound first)."""
         version = user.get("version") or None
-        entry = self.dataplane.registry.get(model, version)  # ModelNotFound before decoding a large body
+        entry = self.dataplane.check_model(model, version)
         if content_type != RAW_CONTENT_TYPE:
-            return decode_request(model, version, payload, None).request, False
+            return decode_request(model, version, payload, None).request, False, entry
         request = decode_raw(model, payload, user)
         if "" in request.inputs:
             specs = entry.model.bundle.manifest.inputs if entry.model is not None else []
@@ -306,10 +311,10 @@ class MqttTransport:
                 names = [spec.name for spec in specs]
                 raise InvalidInput(f"model {model} has inputs {names}: set user property 'input'")
             request.inputs = {specs[0].name: request.inputs[""]}
-        return request, True
+        return request, True, entry
 
-    def _infer(self, request: InferenceRequest, raw: bool) -> Answer:
-        response = self.dataplane.infer(request, "mqtt")
+    def _infer(self, request: InferenceRequest, raw: bool, entry: ModelEntry) -> Answer:
+        response = self.dataplane.infer(request, "mqtt", entry)
         if not raw:
             return encode_response(response, set(), False)[0], JSON_FIELDS
         name, array = next(iter(response.outputs.items()))

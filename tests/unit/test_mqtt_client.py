@@ -1,0 +1,223 @@
+"""LeanClient reads PUBLISH packets as paho does (same messages, same properties),
+leaves what it does not recognise to paho, and sends a handler's reply at once.
+A fake broker on a loopback socket speaks the wire protocol to a real client."""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties, VariableByteIntegers
+
+from edged.transports.mqtt_client import PUBLISH_PROPERTIES, LeanClient, ReceivedProperties, decode_properties
+
+NAMES = [name for name, _ in PUBLISH_PROPERTIES.values()]
+
+
+def props_of(**values: object) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    for name, value in values.items():
+        setattr(props, name, value)
+    return props
+
+
+def as_dict(props: Properties) -> dict[str, object]:
+    return {name: getattr(props, name) for name in NAMES if hasattr(props, name)}
+
+
+def paho_unpack(data: bytes) -> tuple[Properties, int]:
+    return Properties(PacketTypes.PUBLISH).unpack(data)
+
+
+CASES = [
+    {},
+    {"ResponseTopic": "bench/replies/1", "CorrelationData": b"\x00\x01\xff", "ContentType": "application/x-edged-tensor",
+     "UserProperty": [("dtype", "FP32"), ("shape", "1,1,8,8")]},
+    {"PayloadFormatIndicator": 1, "MessageExpiryInterval": 2**32 - 1, "TopicAlias": 7, "SubscriptionIdentifier": 300000,
+     "UserProperty": [("größe", "✓ ok"), ("", ""), ("k", "v" * 300)]},
+    {"CorrelationData": b"x" * 400, "ContentType": ""},
+]
+
+
+@pytest.mark.parametrize("values", CASES)
+def test_properties_read_as_paho_reads_them(values):
+    packed = bytes(props_of(**values).pack())
+    mine, end = decode_properties(packed + b"payload", 0)
+    theirs, length = paho_unpack(packed)
+    assert isinstance(mine, ReceivedProperties) and isinstance(mine, Properties)
+    assert end == length == len(packed)
+    assert as_dict(mine) == as_dict(theirs)
+    assert str(mine) == str(theirs)  # paho's own methods work on it (logs print properties)
+    mine.UserProperty = ("added", "later")  # and its checked setter too
+    assert mine.UserProperty[-1] == ("added", "later")
+
+
+@pytest.mark.parametrize("packed", [
+    b"\x03\x11\x00\x00",  # Session Expiry Interval: not a PUBLISH property
+    b"\x05\x03\x00\x05ab",  # string longer than the properties
+    b"\x04\x03\x00\x02\x00",  # string too short for its length
+    b"\x05\x03\x00\x02a\x00",  # NUL in a string
+    b"\x02\x01\x02",  # Payload Format Indicator 2
+    b"\x03\x23\x00\x00",  # Topic Alias 0
+    b"\x06\x03\x00\x01a\x03\x00",  # Content Type twice (cut short)
+    b"\x08\x03\x00\x01a\x03\x00\x01b",  # Content Type twice
+    b"\x09",  # length past the end
+    b"\x03\x09\x00\x05",  # binary data past the end
+    b"\x05\x03\x00\x02\xc3\x28",  # invalid UTF-8
+    b"\x80\x80\x80\x80\x01",  # Variable Byte Integer over 4 bytes
+])
+def test_what_paho_refuses_is_left_to_paho(packed):
+    with pytest.raises((ValueError, IndexError, KeyError, UnicodeDecodeError)):
+        decode_properties(packed, 0)
+
+
+def test_random_bytes_never_read_differently_from_paho():
+    rng = random.Random(14)
+    seeds = [bytes(props_of(**values).pack()) for values in CASES[1:]]
+    accepted = 0
+    for _ in range(3000):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        try:
+            mine, end = decode_properties(bytes(data), 0)
+        except (ValueError, IndexError, KeyError, UnicodeDecodeError):
+            continue
+        accepted += 1
+        theirs, length = paho_unpack(bytes(data))  # raises if LeanClient accepted what paho refuses
+        assert (end, as_dict(mine)) == (length, as_dict(theirs))
+    assert accepted > 100
+
+
+# -- a client against a fake broker --------------------------------------------
+def publish_packet(topic: str, payload: bytes, qos: int = 0, mid: int = 0, props: Properties | None = None,
+                   properties: bytes | None = None) -> bytes:
+    packed = properties if properties is not None else (bytes(props.pack()) if props else b"\x00")
+    body = len(topic.encode()).to_bytes(2, "big") + topic.encode() + (mid.to_bytes(2, "big") if qos else b"") + packed + payload
+    return bytes([0x30 | qos << 1]) + bytes(VariableByteIntegers.encode(len(body))) + body
+
+
+class FakeBroker:
+    """Accepts one client, answers its CONNECT and hands over the socket."""
+
+    def __init__(self) -> None:
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(1)
+        self.port = self.server.getsockname()[1]
+        self.conn: socket.socket | None = None
+        self._thread = threading.Thread(target=self._accept)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        self.conn, _ = self.server.accept()
+        self.conn.settimeout(10)
+        self.read_packet()  # CONNECT
+        self.conn.sendall(b"\x20\x03\x00\x00\x00")  # CONNACK, success, no properties
+
+    def read_packet(self) -> bytes:
+        assert self.conn is not None
+        header = self.conn.recv(1)
+        length = shift = 0
+        while True:
+            byte = self.conn.recv(1)[0]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        body = b""
+        while len(body) < length:
+            body += self.conn.recv(length - len(body))
+        return header + body
+
+    def close(self) -> None:
+        self._thread.join(10)
+        if self.conn is not None:
+            self.conn.close()
+        self.server.close()
+
+
+@pytest.fixture()
+def linked():
+    broker = FakeBroker()
+    client = LeanClient(mqtt.CallbackAPIVersion.VERSION2, client_id="lean", protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", broker.port)
+    broker._thread.join(10)
+    while not client.is_connected():
+        client.loop(timeout=1.0)
+    yield client, broker
+    client.disconnect()
+    broker.close()
+
+
+def loop_until(client: mqtt.Client, done, rounds: int = 50) -> None:
+    for _ in range(rounds):
+        if done():
+            return
+        client.loop(timeout=0.2)
+    assert done()
+
+
+def test_qos1_request_is_handled_acknowledged_and_answered(linked):
+    client, broker = linked
+    got: list[mqtt.MQTTMessage] = []
+
+    def on_message(c, userdata, message):
+        got.append(message)
+        c.publish(message.properties.ResponseTopic, b"answer:" + message.payload, qos=0)
+
+    client.on_message = on_message
+    props = props_of(ResponseTopic="replies/x", CorrelationData=b"\x07", UserProperty=[("a", "1"), ("b", "2")])
+    broker.conn.sendall(publish_packet("edged/d/infer/m", b"\x01\x02", qos=1, mid=513, props=props))
+    client.loop(timeout=5.0)  # one pass: reads the request, runs the handler, sends what it queued
+    assert len(got) == 1
+    message = got[0]
+    assert (message.topic, message.payload, message.qos, message.mid, message.retain) == ("edged/d/infer/m", b"\x01\x02", 1, 513, False)
+    assert message.properties.CorrelationData == b"\x07" and message.properties.UserProperty == [("a", "1"), ("b", "2")]
+    broker.conn.settimeout(2)
+    packets = {broker.read_packet() for _ in range(2)}  # paho queues the handler's reply before the PUBACK
+    assert b"\x40\x02\x01" in packets  # PUBACK (header, then mid 513; read_packet drops the length)
+    reply = (packets - {b"\x40\x02\x01"}).pop()
+    assert reply[0] == 0x30 and reply.endswith(b"answer:\x01\x02") and b"replies/x" in reply
+
+
+def test_filtered_callbacks_are_still_matched(linked):
+    client, broker = linked
+    plain: list[str] = []
+    filtered: list[str] = []
+    client.on_message = lambda c, u, m: plain.append(m.topic)
+    client.message_callback_add("f/#", lambda c, u, m: filtered.append(m.topic))
+    for topic in ("a/1", "f/x/y", "a/2"):
+        broker.conn.sendall(publish_packet(topic, b"", props=props_of(ContentType="c")))
+    loop_until(client, lambda: len(plain) + len(filtered) == 3)
+    assert plain == ["a/1", "a/2"] and filtered == ["f/x/y"]
+
+
+def test_a_packet_paho_refuses_closes_the_connection_as_paho_does(linked):
+    client, broker = linked
+    delivered: list[str] = []
+    client.on_message = lambda c, u, m: delivered.append(m.topic)
+    # Session Expiry Interval is no PUBLISH property: paho's parser refuses the packet.
+    broker.conn.sendall(publish_packet("t/1", b"x", properties=b"\x05\x11\x00\x00\x00\x01"))
+    loop_until(client, lambda: client._sock is None)
+    assert delivered == []  # and the socket is closed (paho reconnects from its loop thread)
+
+
+def test_handler_exception_is_paho_s_to_report(linked):
+    client, broker = linked
+    client.suppress_exceptions = True
+    seen: list[str] = []
+
+    def boom(c, u, m):
+        seen.append(m.topic)
+        raise RuntimeError("handler failed")
+
+    client.on_message = boom
+    broker.conn.sendall(publish_packet("t/boom", b"", props=props_of(ContentType="a")))
+    broker.conn.sendall(publish_packet("t/after", b"", props=props_of(ContentType="b")))
+    loop_until(client, lambda: len(seen) == 2)
+    assert seen == ["t/boom", "t/after"] and client.is_connected()
