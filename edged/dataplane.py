@@ -49,16 +49,18 @@ class InferenceResponse:
 
 @dataclass
 class ModelSeries:
-    """What every inference of a model version does to its metrics, resolved once:
-    ``labels()`` takes a lock and builds a tuple on every call."""
+    """What every inference of a model version over one transport does to its metrics,
+    resolved once: ``labels()`` takes a lock and builds a tuple on every call."""
 
+    requests: Callable[[float], None]
     depth: Callable[[float], None]  # +1 when a request starts waiting for a slot, -1 when it is done
     queue_time: Callable[[float], None]
     latency: Callable[[float], None]
 
     @classmethod
-    def of(cls, metrics: Metrics, name: str, version: str, runtime: str) -> "ModelSeries":
-        return cls(depth=fast_inc(metrics.queue_depth.labels(name, version)),
+    def of(cls, metrics: Metrics, name: str, version: str, runtime: str, transport: str) -> "ModelSeries":
+        return cls(requests=fast_inc(metrics.requests.labels(name, version, transport)),
+                   depth=fast_inc(metrics.queue_depth.labels(name, version)),
                    queue_time=fast_observe(metrics.queue_time.labels(name, version)),
                    latency=fast_observe(metrics.latency.labels(name, version, runtime)))
 
@@ -75,8 +77,7 @@ class DataPlane:
         self.ota: Any = None  # edged.ota.updater.Updater when [ota] is enabled
         # Called with (request, response, transport) after each successful inference.
         self.result_listeners: list[Callable[[InferenceRequest, InferenceResponse, str], None]] = []
-        self._request_counters: dict[tuple[str, str, str], Callable[[float], None]] = {}
-        self._model_series: dict[tuple[str, str, str], ModelSeries] = {}
+        self._model_series: dict[tuple[str, str, str, str], ModelSeries] = {}
 
     # -- lifecycle --------------------------------------------------------
     def start(self) -> None:
@@ -141,9 +142,10 @@ class DataPlane:
             if entry is None:
                 entry = self.registry.get(request.model, request.version)
             version_label = entry.version
-            self._requests(entry.name, version_label, transport)(1)
+            series = self._series(entry, transport)
+            series.requests(1)
             try:
-                response = self._run(entry, request)
+                response = self._run(entry, request, series)
             except ModelNotReady:
                 # A hot swap unloaded this version between lookup and start: an
                 # unversioned request goes to the version that replaced it.
@@ -151,13 +153,14 @@ class DataPlane:
                 if fresh is None or fresh is entry or not fresh.ready:
                     raise
                 entry = fresh
-                response = self._run(entry, request)
+                response = self._run(entry, request, self._series(entry, transport))
         except EdgedError as exc:
             if entry is None:
                 self.metrics.requests.labels(request.model, version_label, transport).inc()
             self.metrics.failures.labels(request.model, version_label, transport, exc.code).inc()
             raise
-        self._notify(request, response, transport)
+        if self.result_listeners:
+            self._notify(request, response, transport)
         return response
 
     def runs_inline(self, request: InferenceRequest, max_us: float, entry: ModelEntry | None = None) -> bool:
@@ -175,24 +178,15 @@ class DataPlane:
             return False
         return sum(a.nbytes for a in request.inputs.values()) <= INLINE_MAX_BYTES
 
-    def _requests(self, model: str, version: str, transport: str) -> Callable[[float], None]:
-        """The request counter's increment for these labels, resolved once."""
-        key = (model, version, transport)
-        inc = self._request_counters.get(key)
-        if inc is None:
-            inc = self._request_counters[key] = fast_inc(self.metrics.requests.labels(model, version, transport))
-        return inc
-
-    def _series(self, entry: ModelEntry) -> ModelSeries:
-        """The metrics of one model version (and runtime), resolved once."""
-        key = (entry.name, entry.version, entry.runtime)
+    def _series(self, entry: ModelEntry, transport: str) -> ModelSeries:
+        """The metrics of one model version (and runtime) over ``transport``, resolved once."""
+        key = (entry.name, entry.version, entry.runtime, transport)
         series = self._model_series.get(key)
         if series is None:
             series = self._model_series[key] = ModelSeries.of(self.metrics, *key)
         return series
 
-    def _run(self, entry: ModelEntry, request: InferenceRequest) -> InferenceResponse:
-        series = self._series(entry)
+    def _run(self, entry: ModelEntry, request: InferenceRequest, series: ModelSeries) -> InferenceResponse:
         series.depth(1)
         try:
             if entry.batcher is not None:  # validates, waits for its batch, counts; raises EdgedError
@@ -202,32 +196,34 @@ class DataPlane:
                 outputs = done.outputs
             else:
                 model, waited = entry.acquire()
+                ok: bool | None = None  # counted (entry.served, entry.errors) once the model ran
+                noted: float | None = None
                 try:
                     series.queue_time(waited)
                     start = time.perf_counter()
                     try:
                         outputs = model.infer(request.inputs)
                     except EdgedError as exc:
-                        entry.count(ok=not isinstance(exc, InferenceFailed))  # a bad request is not the model's fault
+                        ok = not isinstance(exc, InferenceFailed)  # a bad request is not the model's fault
                         raise
                     except Exception as exc:  # a runtime's own exception type: its text stays in the log
-                        entry.count(ok=False)
+                        ok = False
                         log.warning("model %s %s failed in %s: %s: %s", entry.name, entry.version, entry.runtime,
                                     type(exc).__name__, exc)
                         raise InferenceFailed(f"model {entry.name} failed in its runtime ({entry.runtime}); "
                                               "the daemon's log has the details") from None
-                    entry.count(ok=True)
                     elapsed = time.perf_counter() - start
+                    ok = True
                     typical = entry.typical_latency_s
                     # The inline decision's average: a run that the OS paused (a busy machine) lifts
                     # it by at most 10 %, so a handful of them cannot send a fast model to worker
                     # threads (where the GIL wait inflates the next runs), while a model that really
                     # slows down still gets there within a few dozen runs. The histogram keeps
                     # every run as it was.
-                    entry.note_latency(elapsed if typical is None else min(elapsed, OUTLIER_FACTOR * typical))
+                    noted = elapsed if typical is None else min(elapsed, OUTLIER_FACTOR * typical)
                     series.latency(elapsed)
                 finally:
-                    entry.release()
+                    entry.release(ok, noted)  # the slot, the count and the average in one locked step
         finally:
             series.depth(-1)
         return self._respond(entry, request, outputs)
@@ -255,9 +251,9 @@ class DataPlane:
         """:meth:`infer` on an event loop for a model version with a dynamic batcher
         (``entry.batcher``): the request awaits its batch's future, so the loop pays one
         thread hop per batch instead of one per request."""
-        self._requests(entry.name, entry.version, transport)(1)
+        self._series(entry, transport).requests(1)
         for attempt in range(2):
-            series = self._series(entry)
+            series = self._series(entry, transport)
             series.depth(1)
             try:
                 done = await asyncio.wrap_future(entry.batcher.submit(request.inputs))
@@ -284,7 +280,7 @@ class DataPlane:
 
     def _infer_unbatched(self, request: InferenceRequest, transport: str, entry: ModelEntry) -> InferenceResponse:
         try:
-            response = self._run(entry, request)
+            response = self._run(entry, request, self._series(entry, transport))
         except EdgedError as exc:
             self.metrics.failures.labels(entry.name, entry.version, transport, exc.code).inc()
             raise

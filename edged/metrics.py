@@ -81,7 +81,14 @@ def fast_observe(child: Any) -> Callable[[float], None]:
     if not pairs or pairs[-1][0] != float("inf"):
         return child.observe
 
+    first_bound, first_inc = pairs[0]
+
     def observe(amount: float) -> None:
+        if amount <= first_bound:  # the common case of a fast model (and of no wait for a slot)
+            if amount:
+                total(amount)  # adding 0 to the sum changes nothing
+            first_inc(1)
+            return
         total(amount)
         for bound, inc in pairs:
             if amount <= bound:  # the last bound is +Inf: every value lands somewhere

@@ -15,6 +15,8 @@ from edged.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
 
+KNOWN_SHAPES = 16  # per input: shapes remembered as valid (see LoadedModel.infer)
+
 
 def _shapes_compatible(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b))
@@ -66,6 +68,14 @@ class LoadedModel:
         self._quantized = any(s.quantization for s in self.inputs.values())
         # Float in, float out: nothing to quantize or dequantize on the way.
         self._plain = not self._quantized and not any(s.quantization for s in self.outputs.values())
+        # Per input: the dtypes it takes and the shapes known to pass validate() and run in
+        # one call (the declared one when fully static, then each one seen, up to
+        # KNOWN_SHAPES): a request that fits is not checked step by step again.
+        self._known = {n: (self._accepted[n], {s.shape} if -1 not in s.shape else set())
+                       for n, s in self.inputs.items()}
+        # The runtime's outputs come out in the manifest's order: its dict is the answer as is.
+        runtime_outputs = [t.name for t in getattr(self.runtime, "outputs", [])]
+        self._raw_in_order = runtime_outputs == list(self.outputs)
 
     @property
     def name(self) -> str:
@@ -180,6 +190,14 @@ class LoadedModel:
         """Validate, quantize float inputs of int8 tensors, run, and dequantize
         outputs unless every quantized input came in its native dtype. A batch-1
         model runs a larger batch sample by sample and concatenates the results."""
+        known = self._known
+        if len(inputs) == len(known):
+            for name, array in inputs.items():
+                fits = known.get(name)
+                if fits is None or array.dtype not in fits[0] or array.shape not in fits[1]:
+                    break
+            else:  # names, dtypes and shapes as a request that passed before: one call
+                return self._infer_one(inputs)
         self.validate(inputs)
         sizes = {a.shape[0] for a in inputs.values() if a.ndim} if self._batch_one else ()
         if sizes and max(sizes) > 1:
@@ -187,11 +205,17 @@ class LoadedModel:
                 raise InvalidInput(f"inputs have different batch sizes: {sorted(sizes)}")
             parts = [self._infer_one({k: v[i:i + 1] for k, v in inputs.items()}) for i in range(sizes.pop())]
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        for name, array in inputs.items():
+            shapes = known[name][1]
+            if len(shapes) < KNOWN_SHAPES:
+                shapes.add(array.shape)
         return self._infer_one(inputs)
 
     def _infer_one(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._plain:
             raw = self.runtime.infer(inputs)
+            if self._raw_in_order and len(raw) == len(self.outputs):
+                return raw
             return {name: raw[name] for name in self.outputs}
         native: dict[str, np.ndarray] = {}
         dequantize = False

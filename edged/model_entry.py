@@ -40,8 +40,10 @@ class ModelEntry:
     max_queue: int = 64
     # Dynamic batcher when [models.<name>] max_batch_size >= 2; None: one request per runtime call.
     batcher: Batcher | None = field(default=None, init=False, repr=False)
-    _slots: threading.Semaphore = field(init=False, repr=False)
-    _pending: int = field(default=0, init=False, repr=False)
+    _running: int = field(default=0, init=False, repr=False)  # slots taken (at most max_concurrency)
+    _pending: int = field(default=0, init=False, repr=False)  # running plus queued for a slot
+    _slot_waiters: int = field(default=0, init=False, repr=False)
+    _idle_waiters: int = field(default=0, init=False, repr=False)
     # Served requests and runtime failures of this load (OTA health watch).
     served: int = field(default=0, init=False)
     errors: int = field(default=0, init=False)
@@ -49,10 +51,13 @@ class ModelEntry:
     typical_latency_s: float | None = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _idle: threading.Condition = field(init=False, repr=False)
+    _free: threading.Condition = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._slots = threading.Semaphore(self.max_concurrency)
+        # One lock for the slots and the counts: a free slot is taken in one locked step,
+        # and the conditions are only waited on (and notified) when someone waits.
         self._idle = threading.Condition(self._lock)
+        self._free = threading.Condition(self._lock)
 
     @property
     def ready(self) -> bool:
@@ -70,7 +75,8 @@ class ModelEntry:
         return model
 
     def acquire(self) -> tuple[LoadedModel, float]:
-        """Take a concurrency slot; returns the model and seconds spent queued."""
+        """Take a concurrency slot; returns the model and seconds spent queued
+        (0.0 when a slot was free)."""
         with self._lock:
             if self._pending >= self.max_concurrency + self.max_queue:
                 raise Overloaded(
@@ -78,21 +84,42 @@ class ModelEntry:
                     f"{self.max_concurrency} running and {self.max_queue} queued requests"
                 )
             self._pending += 1
-        start = time.perf_counter()
-        self._slots.acquire()
-        waited = time.perf_counter() - start
+            if self._running < self.max_concurrency:
+                self._running += 1
+                waited = 0.0
+            else:
+                start = time.perf_counter()
+                self._slot_waiters += 1
+                try:
+                    while self._running >= self.max_concurrency:
+                        self._free.wait()
+                finally:
+                    self._slot_waiters -= 1
+                self._running += 1
+                waited = time.perf_counter() - start
         model = self.model
         if model is None or self.state is not ModelState.READY:
             self.release()
             raise ModelNotReady(f"model {self.name} version {self.version} is not ready: {self.reason or self.state.value}")
         return model, waited
 
-    def release(self) -> None:
-        self._slots.release()
+    def release(self, ok: bool | None = None, seconds: float | None = None) -> None:
+        """Give the slot back; with ``ok``, count the request as :meth:`count` does, and
+        with ``seconds``, note its run time (:meth:`note_latency`), in the same locked step."""
         with self._lock:
+            self._running -= 1
             self._pending -= 1
-            if self._pending == 0:
+            if self._slot_waiters:
+                self._free.notify()
+            if self._pending == 0 and self._idle_waiters:
                 self._idle.notify_all()
+            if ok is not None:
+                self.served += 1
+                if not ok:
+                    self.errors += 1
+            if seconds is not None:
+                previous = self.typical_latency_s
+                self.typical_latency_s = seconds if previous is None else 0.9 * previous + 0.1 * seconds
 
     def note_latency(self, seconds: float) -> None:
         previous = self.typical_latency_s
@@ -106,4 +133,8 @@ class ModelEntry:
 
     def wait_idle(self, timeout: float) -> bool:
         with self._lock:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout=timeout)
+            self._idle_waiters += 1
+            try:
+                return self._idle.wait_for(lambda: self._pending == 0, timeout=timeout)
+            finally:
+                self._idle_waiters -= 1

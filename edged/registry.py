@@ -173,22 +173,24 @@ class ModelRegistry:
 
     # -- lookup -----------------------------------------------------------
     def get(self, name: str, version: str | None = None) -> ModelEntry:
-        """The entry for name/version; without a version, the newest ready one."""
-        if version:
-            with self._lock:
+        """The entry for name/version; without a version, the newest ready one
+        (the pinned one of an OTA-managed model while it is ready)."""
+        with self._lock:  # one pass over the entries; versions are sorted only when a name has several
+            if version:
                 found = self._entries.get((name, version))
-            if found is not None:
-                return found
-        entries = self.versions(name)
+                if found is not None:
+                    return found
+            entries = [e for e in self._entries.values() if e.name == name]
         if not entries:
             raise ModelNotFound(f"unknown model {name!r}; known models: {', '.join(self.names()) or 'none'}")
+        if version or len(entries) > 1:
+            entries.sort(key=lambda e: _version_key(e.version))
         if version:
-            for entry in entries:
-                if entry.version == version:
-                    return entry
             raise ModelNotFound(
                 f"model {name!r} has no version {version!r}; versions: {', '.join(e.version for e in entries)}"
             )
+        if len(entries) == 1:
+            return entries[0]
         pinned = self._active.get(name)
         for entry in entries:
             if entry.version == pinned and entry.ready:

@@ -33,7 +33,8 @@ from edged.dataplane import InferenceResponse
 from edged.errors import EdgedError
 from edged.http_limits import RequestTimeout
 from edged.transports.http import BINARY_TYPE, OFFLOAD_BYTES, error_response
-from edged.v2 import HEADER_LENGTH, DecodedRequest, decode_request, encode_response, response_bytes
+from edged.v2 import HEADER_LENGTH, DecodedRequest, decode_request, response_bytes
+from edged.v2_binary import BinaryLayouts, BinaryResponses
 
 if TYPE_CHECKING:
     from edged.http_limits import Hold
@@ -55,18 +56,21 @@ REQUEST_START = b"POST "
 FRAMING = frozenset({b"transfer-encoding", b"content-encoding", b"expect", b"upgrade", b"te", b"trailer",
                      b"http2-settings", b"keep-alive"})
 MAX_HEAD_BYTES = 8190  # aiohttp's own line limit; longer heads go to aiohttp, which enforces its limits
+MAX_HEADS = 64  # heads HeadCache remembers
 SERVER = SERVER_SOFTWARE.encode()
 HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()
 
 
 @dataclass
 class LeanRequest:
-    """A parsed infer request; header names are lower case, values stripped."""
+    """A parsed infer request; header names are lower case, values stripped.
+    ``header_length``: Inference-Header-Content-Length, -1 when it is not a number."""
 
     model: str
     version: str | None
     headers: Mapping[bytes, bytes]
     body: bytearray
+    header_length: int | None = None
 
 
 MORE_HEAD = -1  # parse(): the head has not all arrived yet
@@ -96,9 +100,45 @@ def parse(buffer: bytes | bytearray, max_body_bytes: int, at: int = 0) -> tuple[
     if len(buffer) < start + size:
         return len(buffer) - start
     version = first[2]
+    header = headers.get(HEADER_LENGTH_KEY)
     request = LeanRequest(first[1].decode(), version.decode() if version is not None else None, headers,
-                          bytearray(memoryview(buffer)[start:start + size]))
+                          bytearray(memoryview(buffer)[start:start + size]),
+                          None if header is None else int(header) if DIGITS.fullmatch(header) else -1)
     return request, start + size
+
+
+class HeadCache:
+    """:func:`parse` for one server, with the heads it read remembered: a client sends
+    the same request line and header fields with each request (only the body
+    changes), so such a head is read once. At most MAX_HEADS heads; when full, all
+    are forgotten and read again."""
+
+    def __init__(self, max_body_bytes: int) -> None:
+        self.max_body_bytes = max_body_bytes
+        # head bytes -> (model, version, headers, body size, header length)
+        self._heads: dict[bytes, tuple[str, str | None, Mapping[bytes, bytes], int, int | None]] = {}
+
+    def parse(self, buffer: bytes | bytearray, at: int = 0) -> tuple[LeanRequest, int] | int | None:
+        end = buffer.find(b"\r\n\r\n", at, at + MAX_HEAD_BYTES + 4)
+        if end < 0:
+            return parse(buffer, self.max_body_bytes, at)
+        head = bytes(buffer[at:end])
+        known = self._heads.get(head)
+        if known is None:
+            parsed = parse(buffer, self.max_body_bytes, at)
+            if parsed is not None and type(parsed) is not int:
+                request, stop = parsed
+                if len(self._heads) >= MAX_HEADS:
+                    self._heads.clear()
+                self._heads[head] = (request.model, request.version, request.headers, stop - end - 4,
+                                     request.header_length)
+            return parsed
+        model, version, headers, size, header_length = known
+        start = end + 4
+        if len(buffer) < start + size:
+            return len(buffer) - start
+        return LeanRequest(model, version, headers, bytearray(memoryview(buffer)[start:start + size]),
+                           header_length), start + size
 
 
 def frame(buffer: bytes | bytearray, at: int, max_body_bytes: int) -> int | None:
@@ -189,9 +229,10 @@ class LeanInfer:
 
     def __init__(self, http: "HttpTransport") -> None:
         self.http = http
-
-    def parse(self, buffer: bytes | bytearray, at: int) -> tuple[LeanRequest, int] | int | None:
-        return parse(buffer, min(self.http.max_body_bytes, OFFLOAD_BYTES), at)
+        self.heads = HeadCache(min(http.max_body_bytes, OFFLOAD_BYTES))
+        self.parse = self.heads.parse  # (buffer, at) -> as parse()
+        self.layouts = BinaryLayouts()
+        self.responses = BinaryResponses()
 
     def frame(self, buffer: bytes | bytearray, at: int) -> int | None:
         return frame(buffer, at, self.http.max_body_bytes)
@@ -220,8 +261,8 @@ class LeanInfer:
             entry = dataplane.check_model(request.model, request.version)
         except EdgedError:
             return None  # aiohttp answers it (nothing was counted)
-        header = request.headers.get(HEADER_LENGTH_KEY)
-        if header is not None and DIGITS.fullmatch(header) is None:
+        header_length = request.header_length
+        if header_length is not None and header_length < 0:
             return None  # aiohttp names what is wrong with it
         body = request.body
         max_body = http.max_body_bytes
@@ -231,8 +272,12 @@ class LeanInfer:
             return error_bytes(exc)
         later = None
         try:
-            decoded = decode_request(request.model, request.version, body, int(header) if header is not None else None,
-                                     hold.take)
+            decoded = None if header_length is None else self.layouts.decode(
+                request.model, request.version, body, header_length)
+            if decoded is None:
+                decoded = decode_request(request.model, request.version, body, header_length, hold.take)
+                if header_length is not None:
+                    self.layouts.learn(body, header_length, decoded)
             del body
             http._lean_inc(1)
             if not dataplane.runs_inline(decoded.request, http.inline_max_us, entry):
@@ -245,7 +290,7 @@ class LeanInfer:
             if size > OFFLOAD_BYTES:
                 later = self._later(hold, entry, decoded, response)
                 return later
-            return answer_bytes(*encode_response(response, decoded.binary_outputs, decoded.all_binary))
+            return answer_bytes(*self.responses.encode(response, decoded.binary_outputs, decoded.all_binary))
         except Exception as exc:
             return error_bytes(exc)
         finally:
@@ -270,8 +315,8 @@ class LeanInfer:
             else:
                 size = response_bytes(response)
             if size <= OFFLOAD_BYTES:
-                return answer_bytes(*encode_response(response, decoded.binary_outputs, decoded.all_binary))
-            encoded = await http._codec("encode", size, encode_response, response, decoded.binary_outputs,
+                return answer_bytes(*self.responses.encode(response, decoded.binary_outputs, decoded.all_binary))
+            encoded = await http._codec("encode", size, self.responses.encode, response, decoded.binary_outputs,
                                         decoded.all_binary)
             return answer_bytes(*encoded)
         except Exception as exc:

@@ -140,3 +140,39 @@ def test_frame_finds_the_end_of_a_plain_request_of_any_route():
     assert frame(request(headers="Content-Length: 2\r\n"), 0, LIMIT) is None
     assert frame(b"GET /x HTTP/1.0\r\n\r\n", 0, LIMIT) is None
     assert frame(request(body=b"x" * 10, length=LIMIT + 1), 0, LIMIT) is None
+
+
+def _outcome(parsed):
+    if parsed is None or isinstance(parsed, int):
+        return parsed
+    lean, end = parsed
+    return (lean.model, lean.version, dict(lean.headers), bytes(lean.body), lean.header_length), end
+
+
+def test_the_header_length_field_is_read_with_the_head():
+    lean, _ = parse(request(headers="Inference-Header-Content-Length: 2\r\n", body=b"{}ab"), LIMIT)
+    assert lean.header_length == 2
+    lean, _ = parse(request(headers="Inference-Header-Content-Length: x2\r\n", body=b"{}ab"), LIMIT)
+    assert lean.header_length == -1  # not a number: the handler leaves it to aiohttp
+    lean, _ = parse(request(body=b"{}"), LIMIT)
+    assert lean.header_length is None
+
+
+def test_a_remembered_head_reads_each_request_as_parse_does():
+    from edged.transports.http_fast import MAX_HEADS, HeadCache
+
+    cache = HeadCache(LIMIT)
+    same = [request(headers="Inference-Header-Content-Length: 2\r\n", body=b"{}" + bytes([n, n])) for n in range(3)]
+    others = [request("/v2/models/n/versions/2/infer", body=b"[9]"), request(body=b"x" * 10, length=LIMIT + 1),
+              request("/v2/models/m/ready"), request(headers="Transfer-Encoding: chunked\r\n")]
+    stream = b"".join(same + others + same)
+    at = 0
+    for raw in same + others + same:
+        for cut in (3, len(raw) - 1, len(raw)):  # still arriving, then whole
+            piece = stream[:at + cut]
+            assert _outcome(cache.parse(piece, at)) == _outcome(parse(piece, LIMIT, at))
+        at += len(raw)
+    for n in range(MAX_HEADS + 3):  # many heads: at most MAX_HEADS kept, all still read right
+        raw = request(f"/v2/models/m{n}/infer")
+        assert _outcome(cache.parse(raw)) == _outcome(parse(raw, LIMIT))
+        assert len(cache._heads) <= MAX_HEADS
