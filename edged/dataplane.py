@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from time import perf_counter
 from dataclasses import dataclass, field
 import logging
 from typing import Any, Callable
@@ -142,7 +143,9 @@ class DataPlane:
             if entry is None:
                 entry = self.registry.get(request.model, request.version)
             version_label = entry.version
-            series = self._series(entry, transport)
+            series = self._model_series.get((entry.name, version_label, entry.runtime, transport))
+            if series is None:
+                series = self._series(entry, transport)
             series.requests(1)
             try:
                 response = self._run(entry, request, series)
@@ -176,7 +179,10 @@ class DataPlane:
         typical = entry.typical_latency_s
         if typical is None or typical * 1e6 > max_us or not entry.ready:
             return False
-        return sum(a.nbytes for a in request.inputs.values()) <= INLINE_MAX_BYTES
+        size = 0
+        for array in request.inputs.values():
+            size += array.nbytes
+        return size <= INLINE_MAX_BYTES
 
     def _series(self, entry: ModelEntry, transport: str) -> ModelSeries:
         """The metrics of one model version (and runtime) over ``transport``, resolved once."""
@@ -200,7 +206,7 @@ class DataPlane:
                 noted: float | None = None
                 try:
                     series.queue_time(waited)
-                    start = time.perf_counter()
+                    start = perf_counter()
                     try:
                         outputs = model.infer(request.inputs)
                     except EdgedError as exc:
@@ -212,7 +218,7 @@ class DataPlane:
                                     type(exc).__name__, exc)
                         raise InferenceFailed(f"model {entry.name} failed in its runtime ({entry.runtime}); "
                                               "the daemon's log has the details") from None
-                    elapsed = time.perf_counter() - start
+                    elapsed = perf_counter() - start
                     ok = True
                     typical = entry.typical_latency_s
                     # The inline decision's average: a run that the OS paused (a busy machine) lifts
@@ -220,13 +226,15 @@ class DataPlane:
                     # threads (where the GIL wait inflates the next runs), while a model that really
                     # slows down still gets there within a few dozen runs. The histogram keeps
                     # every run as it was.
-                    noted = elapsed if typical is None else min(elapsed, OUTLIER_FACTOR * typical)
+                    noted = elapsed if typical is None or elapsed < OUTLIER_FACTOR * typical else OUTLIER_FACTOR * typical
                     series.latency(elapsed)
                 finally:
                     entry.release(ok, noted)  # the slot, the count and the average in one locked step
         finally:
             series.depth(-1)
-        return self._respond(entry, request, outputs)
+        if request.outputs:
+            return self._respond(entry, request, outputs)
+        return InferenceResponse(model=entry.name, version=entry.version, outputs=outputs, id=request.id)
 
     @staticmethod
     def _respond(entry: ModelEntry, request: InferenceRequest, outputs: dict[str, np.ndarray]) -> InferenceResponse:

@@ -231,6 +231,7 @@ class _Watched(asyncio.Protocol):
         """Answer the lean requests in ``data``, in order; hand aiohttp the others."""
         lean, transport, inner = self._lean, self._transport, self.inner
         at, size = 0, len(data)
+        answered = False  # an answer went out: aiohttp's idle timer counts from now (once per read)
         while at < size and transport is not None:
             parsed = lean.parse(data, at)  # offsets, not slices: no copy of the rest per request
             if type(parsed) is int:  # a lean request still arriving
@@ -244,6 +245,8 @@ class _Watched(asyncio.Protocol):
                     break
                 # aiohttp answers this one request; the lean path goes on when aiohttp is idle
                 # again: its handler's task says when it is done (``answered``), else a slow poll.
+                if answered:
+                    self._kept_alive()
                 self._wait("aiohttp", data[stop:])
                 self.gate.handed[inner] = self
                 inner.data_received(data[at:stop])
@@ -251,16 +254,22 @@ class _Watched(asyncio.Protocol):
                 asyncio.get_running_loop().call_later(IDLE_POLL_S, self._aiohttp_idle, IDLE_POLL_S, self._handoffs)
                 return
             at = parsed[1]
-            self._kept_alive()
             if isinstance(answer, bytes):
                 transport.write(answer)  # type: ignore[attr-defined]
+                answered = True
                 continue
+            self._kept_alive()
             self._wait("lean", data[at:])
             self._finishing = asyncio.ensure_future(self._finish(answer))
             return
         else:
-            self._body_wait(None)
+            if answered:
+                self._kept_alive()
+            if self._body_timer is not None:
+                self._body_wait(None)
             return
+        if answered:
+            self._kept_alive()
         self._body_wait(None)
         self._lean = None
         inner.data_received(data[at:] if at else data)

@@ -117,8 +117,12 @@ class BinaryResponses:
         outputs = response.outputs
         if not all_binary and not all(name in binary_outputs for name in outputs):
             return encode_response(response, binary_outputs, all_binary)  # some output goes as JSON data
-        key = (response.model, response.version, response.id,
-               tuple([(name, array.dtype, array.shape) for name, array in outputs.items()]))
+        if len(outputs) == 1:
+            for name, array in outputs.items():
+                key: tuple = (response.model, response.version, response.id, name, array.dtype, array.shape)
+        else:
+            key = (response.model, response.version, response.id,
+                   tuple([(name, array.dtype, array.shape) for name, array in outputs.items()]))
         header = self._headers.get(key)
         if header is None:
             payload, length = encode_response(response, binary_outputs, all_binary)

@@ -285,7 +285,9 @@ class LeanInfer:
                 return later
             http._inline_inc(1)
             response = dataplane.infer(decoded.request, "http", entry)
-            size = response_bytes(response)
+            size = 0  # response_bytes(response)
+            for array in response.outputs.values():
+                size += array.nbytes
             hold.take(size * 4)  # JSON text of numbers takes up to ~4x their binary size
             if size > OFFLOAD_BYTES:
                 later = self._later(hold, entry, decoded, response)

@@ -118,3 +118,15 @@ def test_responses_are_the_bytes_encode_response_writes(binary_outputs, all_bina
         response = _response(outputs)
         assert responses.encode(response, binary_outputs, all_binary) == encode_response(
             response, binary_outputs, all_binary)
+
+
+def test_a_single_output_response_is_the_bytes_encode_response_writes():
+    responses = BinaryResponses()
+    for outputs in ({"y": np.arange(10, dtype=np.float32).reshape(1, 10)}, {"y": np.ones((1, 10), np.float32)},
+                    {"y": np.ones((2, 10), np.float32)}, {"w": np.ones((1, 10), np.float32)},
+                    {"y": np.ones((1, 10), np.int8)}):
+        for response_id in (None, "7"):
+            response = _response(outputs, response_id)
+            for binary_outputs, all_binary in ((set(), True), (set(outputs), False), (set(), False)):
+                assert responses.encode(response, binary_outputs, all_binary) == encode_response(
+                    response, binary_outputs, all_binary)
