@@ -168,6 +168,23 @@ def test_the_parser_parses_again_after_a_refusal():
         assert (got if got is None else got.tolist()) == expected, text
 
 
+@settings(max_examples=300, deadline=None, database=None)
+@given(tokens=st.lists(st.one_of(st.sampled_from(["true", "false", "null", "{}", "-0", "1e400"]),
+                                 st.integers(-(2**64), 2**64).map(str), st.floats(width=32).map(json.dumps)),
+                       min_size=1, max_size=60),
+       datatype=st.sampled_from(["FP32", "FP64", "FP16", "INT32", "INT64", "UINT8", "BOOL"]),
+       chunk=st.sampled_from([16, 64, 1 << 20]))
+def test_fuzz_true_false_null_in_long_lists_decide_as_the_plain_parse(tokens, datatype, chunk):
+    """They take the pieces (no memchr pass looks for them): numpy converts them one by one
+    as it converts the whole list (NaN tokens of json.dumps are malformed JSON on every path)."""
+    saved = v2.FAST_DATA_MIN_BYTES, v2.FAST_DATA_CHUNK_BYTES
+    v2.FAST_DATA_MIN_BYTES, v2.FAST_DATA_CHUNK_BYTES = 8, chunk
+    try:
+        _decide_alike(_request(", ".join(tokens), len(tokens), datatype, "t"))
+    finally:
+        v2.FAST_DATA_MIN_BYTES, v2.FAST_DATA_CHUNK_BYTES = saved
+
+
 finite = st.one_of(st.integers(-(2**64), 2**64), st.floats(width=32, allow_nan=False, allow_infinity=False),
                    st.floats(allow_nan=False, allow_infinity=False))
 damage = st.sampled_from(["", "", "", "x", ".", "-", "e", "E", ",", "]", "[", '"', "t", "n", " ", "0", "1e9",
