@@ -65,7 +65,15 @@ class BinaryLayouts:
         layout = self._layouts.get(bytes(body[:header_length]))
         if layout is None or len(body) - header_length != layout.size:
             return None
-        return layout.decode(model, version, body, header_length)
+        if len(layout.inputs) != 1:
+            return layout.decode(model, version, body, header_length)
+        name, shape, dtype, offset = layout.inputs[0]  # layout.decode for one input, one call less
+        outputs = layout.outputs
+        request = InferenceRequest(model=model, version=version or None,
+                                   inputs={name: np.ndarray(shape, dtype, body, header_length + offset)},
+                                   outputs=list(outputs) if outputs else None, id=layout.id,
+                                   parameters=dict(layout.parameters))
+        return DecodedRequest(request=request, binary_outputs=layout.binary_outputs, all_binary=layout.all_binary)
 
     def learn(self, body: bytes | bytearray, header_length: int, decoded: DecodedRequest) -> None:
         """Remember what decode_request made of ``body``: only when every input is a

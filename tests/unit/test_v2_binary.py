@@ -130,3 +130,15 @@ def test_a_single_output_response_is_the_bytes_encode_response_writes():
             for binary_outputs, all_binary in ((set(), True), (set(outputs), False), (set(), False)):
                 assert responses.encode(response, binary_outputs, all_binary) == encode_response(
                     response, binary_outputs, all_binary)
+
+
+@pytest.mark.parametrize("outputs", [None, [{"name": "y"}]])
+def test_a_single_input_request_decodes_as_decode_request_does(outputs):
+    layouts = BinaryLayouts()
+    extra = {"outputs": outputs} if outputs else {}
+    body, length = _binary({"x": np.zeros((1, 1, 8, 8), np.float32)}, **extra)
+    layouts.learn(body, length, decode_request("m", None, body, length))
+    body2, _ = _binary({"x": np.arange(64, dtype=np.float32).reshape(1, 1, 8, 8)}, **extra)
+    made = layouts.decode("m", "", bytearray(body2), length)
+    _same(made, decode_request("m", "", bytearray(body2), length))
+    assert made.request.version is None
