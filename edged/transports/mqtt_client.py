@@ -33,7 +33,6 @@ PUBLISH_PROPERTIES: dict[int, tuple[str, int]] = {
 MULTIPLE = {11, 38}  # Subscription Identifier and User Property may repeat
 # Values paho refuses when it sets them: Payload Format Indicator, Subscription Identifier, Topic Alias.
 RANGES = {1: (0, 1), 11: (1, 268_435_455), 35: (1, 65535)}
-FORBIDDEN_CHARS = ("\x00", "\ufeff")  # MQTT-1.5.4-2 and -3 (Python's UTF-8 decoder refuses surrogates)
 
 
 class ReceivedProperties(Properties):
@@ -66,7 +65,7 @@ def _string(data: bytes, pos: int, end: int) -> tuple[str, int]:
     if pos + 2 > end or stop > end:
         raise ValueError("string past the end of the properties")
     text = data[pos + 2:stop].decode("utf-8")
-    if any(char in text for char in FORBIDDEN_CHARS):
+    if "\x00" in text or "\ufeff" in text:  # MQTT-1.5.4-2 and -3 (Python's UTF-8 decoder refuses surrogates)
         raise ValueError("a character MQTT forbids in a string")
     return text, stop
 
@@ -115,6 +114,20 @@ def decode_properties(data: bytes, pos: int) -> tuple[ReceivedProperties, int]:
         else:
             values[name] = value
     return props, end
+
+
+class _NoWakeUp:
+    """Stands in for paho's wake-up socket while a message handler runs on the network
+    thread: never None, so a thread that checked paho's socket before cannot find None."""
+
+    def send(self, data: bytes) -> int:
+        return len(data)
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+_NO_WAKE: Any = _NoWakeUp()
 
 
 class LeanClient(mqtt.Client):
@@ -177,15 +190,15 @@ class LeanClient(mqtt.Client):
         # What the handler publishes on this thread (its reply), and the PUBACK, need no
         # wake-up byte through paho's socket pair (nor an extra pass of its loop to read
         # it): _send_queued writes them. Another thread that queues meanwhile skips its
-        # byte too, and its packet goes out with them.
-        wake, self._sockpairW = self._sockpairW, None
+        # byte too (it appended its packet first), and its packet goes out with them.
+        wake, self._sockpairW = self._sockpairW, _NO_WAKE
         rc = mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
         try:
             self._handle_on_message(message)
             if qos == 1 and not self._manual_ack:
                 rc = self._send_puback(mid)
         finally:
-            if self._sockpairW is None and wake is not None and wake.fileno() != -1:
+            if self._sockpairW is _NO_WAKE:  # else paho replaced its sockets meanwhile
                 self._sockpairW = wake
         self._send_queued()
         return rc

@@ -9,6 +9,7 @@ inference.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -60,13 +61,21 @@ def _raw_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+@functools.lru_cache(maxsize=256)
+def raw_spec(dtype_text: str, shape_text: str) -> tuple[np.dtype, tuple[int, ...], int]:
+    """The dtype, shape and byte size that a raw tensor's user properties name. A pure
+    function of the two texts, memoised: a client sends the same pair every request.
+    InvalidInput (never memoised) for a bad pair."""
+    dtype = _raw_dtype(dtype_text)
+    shape = _raw_shape(shape_text)
+    return dtype, shape, math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+
+
 def decode_raw(model: str, payload: bytes, user: dict[str, str]) -> InferenceRequest:
     """Raw tensor bytes with dtype and shape (and optionally input) in user properties."""
     if "dtype" not in user or "shape" not in user:
         raise InvalidInput(f"raw tensor payload ({RAW_CONTENT_TYPE}) needs user properties 'dtype' and 'shape'")
-    dtype = _raw_dtype(user["dtype"])
-    shape = _raw_shape(user["shape"])
-    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+    dtype, shape, expected = raw_spec(user["dtype"], user["shape"])
     if len(payload) != expected:
         raise InvalidInput(f"raw tensor of shape {list(shape)} {dtype.name} needs {expected} bytes, got {len(payload)}")
     try:

@@ -221,3 +221,30 @@ def test_handler_exception_is_paho_s_to_report(linked):
     broker.conn.sendall(publish_packet("t/after", b"", props=props_of(ContentType="b")))
     loop_until(client, lambda: len(seen) == 2)
     assert seen == ["t/boom", "t/after"] and client.is_connected()
+
+
+def test_a_publish_from_another_thread_during_a_handler_goes_out(linked):
+    """While a handler runs on the network thread paho's wake-up socket is set aside; a
+    publish from another thread meanwhile neither fails nor waits for a later wake-up."""
+    client, broker = linked
+    errors: list[BaseException] = []
+
+    def other_thread_publishes():
+        try:
+            client.publish("from/worker", b"w", qos=0)
+        except BaseException as exc:  # noqa: BLE001 -- reported by the assertion below
+            errors.append(exc)
+
+    def on_message(c, userdata, message):
+        worker = threading.Thread(target=other_thread_publishes)
+        worker.start()
+        worker.join(10)
+        c.publish("from/handler", b"h", qos=0)
+
+    client.on_message = on_message
+    broker.conn.sendall(publish_packet("t/x", b"", props=props_of(ContentType="c")))
+    client.loop(timeout=5.0)
+    broker.conn.settimeout(2)
+    packets = [broker.read_packet() for _ in range(2)]
+    topics = {packet[3:3 + int.from_bytes(packet[1:3], "big")] for packet in packets}  # header, length, topic
+    assert errors == [] and topics == {b"from/worker", b"from/handler"}

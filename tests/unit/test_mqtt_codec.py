@@ -63,3 +63,14 @@ def test_raw_reply_fields_describe_the_output_and_stay_bounded():
     fields.get("z", np.dtype("uint8"), (), "2")  # over the limit: starts afresh
     assert len(fields._packed) == 1
     assert dict(unpack(reply_properties(fields.get("z", np.dtype("uint8"), (), "2"), None).pack()).UserProperty)["shape"] == ""
+
+
+def test_raw_spec_is_remembered_and_bad_specs_refused_every_time():
+    from edged.errors import InvalidInput
+    from edged.transports.mqtt_codec import raw_spec
+
+    assert raw_spec("FP32", "1,1,8,8") == (np.dtype("float32"), (1, 1, 8, 8), 256)
+    assert raw_spec("FP32", "1,1,8,8") is raw_spec("FP32", "1,1,8,8")
+    for _ in range(2):
+        with pytest.raises(InvalidInput, match="negative dimension"):
+            raw_spec("FP32", "1,-1")
