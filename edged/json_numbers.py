@@ -1,7 +1,7 @@
 """Flat JSON lists of numbers parsed by simdjson straight into a buffer of doubles.
 
-pysimdjson (the ``fast-json`` extra) parses a 3 MB list of 150,528 floats in about
-a third of the time that orjson takes to make Python floats of it and numpy to read
+pysimdjson (the ``fast-json`` extra) reads a 3 MB list of 150,528 floats in about
+half the time that orjson takes to make Python floats of it and numpy to read
 them back. It is optional: without it :meth:`SimdNumbers.create` gives None and
 :mod:`edged.v2` parses with orjson as before.
 
