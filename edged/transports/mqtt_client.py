@@ -30,6 +30,7 @@ PUBLISH_PROPERTIES: dict[int, tuple[str, int]] = {
     for name, ident in _TABLES.names.items()
     if PacketTypes.PUBLISH in _TABLES.properties[ident][1]
 }
+READ_SIZE = 65536  # bytes asked of the socket at once
 MULTIPLE = {11, 38}  # Subscription Identifier and User Property may repeat
 # Values paho refuses when it sets them: Payload Format Indicator, Subscription Identifier, Topic Alias.
 RANGES = {1: (0, 1), 11: (1, 268_435_455), 35: (1, 65535)}
@@ -137,6 +138,34 @@ class LeanClient(mqtt.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._filtered_callbacks = False  # whether message_callback_add was ever called
+        self._read_buffer = b""  # bytes read from _read_sock that paho has not asked for yet
+        self._read_pos = 0
+        self._read_sock: Any = None
+
+    # -- reads: one recv for paho's pieces ---------------------------------------
+    def _sock_recv(self, bufsize: int) -> bytes:
+        """paho reads a packet in pieces (its type, each byte of its length, then the
+        rest), a system call each: they are served from one read of up to READ_SIZE."""
+        if self._read_sock is not self._sock:  # a new connection: nothing of the old one
+            self._read_buffer, self._read_pos, self._read_sock = b"", 0, self._sock
+        pos = self._read_pos
+        if pos >= len(self._read_buffer):
+            data = super()._sock_recv(max(bufsize, READ_SIZE))
+            if len(data) <= bufsize:
+                return data
+            self._read_buffer, self._read_pos = data, bufsize
+            return data[:bufsize]
+        self._read_pos = pos + bufsize
+        return self._read_buffer[pos:pos + bufsize]  # maybe short: paho reads on
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        """paho's loop_read, repeated while read bytes wait in the buffer: the socket
+        no longer shows them to select()."""
+        rc = super().loop_read(max_packets)
+        while (rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None
+               and self._read_sock is self._sock and self._read_pos < len(self._read_buffer)):
+            rc = super().loop_read(max_packets)
+        return rc
 
     def message_callback_add(self, sub: str, callback: Any) -> None:
         self._filtered_callbacks = True

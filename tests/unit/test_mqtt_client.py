@@ -248,3 +248,26 @@ def test_a_publish_from_another_thread_during_a_handler_goes_out(linked):
     packets = [broker.read_packet() for _ in range(2)]
     topics = {packet[3:3 + int.from_bytes(packet[1:3], "big")] for packet in packets}  # header, length, topic
     assert errors == [] and topics == {b"from/worker", b"from/handler"}
+
+
+def test_packets_read_together_or_split_are_all_delivered_whole(linked):
+    """One read serves paho's pieces of many packets: packets that arrive together are all
+    handled in one pass of the loop (the socket no longer shows them to select), one
+    cut in the middle is finished by the next read, and one over the read size arrives whole."""
+    client, broker = linked
+    got: list[tuple[str, bytes]] = []
+    client.on_message = lambda c, u, m: got.append((m.topic, m.payload))
+    packets = [publish_packet(f"t/{i}", bytes([i]) * i, props=props_of(ContentType="c")) for i in range(1, 6)]
+    broker.conn.sendall(b"".join(packets))
+    client.loop(timeout=5.0)
+    assert got == [(f"t/{i}", bytes([i]) * i) for i in range(1, 6)]
+    got.clear()
+    split = publish_packet("t/split", b"s" * 100, props=props_of(ContentType="c"))
+    broker.conn.sendall(packets[0] + split[:30])
+    client.loop(timeout=5.0)
+    broker.conn.sendall(split[30:])
+    loop_until(client, lambda: len(got) == 2)
+    big = bytes(range(256)) * 1024  # 256 KiB, over READ_SIZE
+    broker.conn.sendall(publish_packet("t/big", big, qos=1, mid=9, props=props_of(ContentType="c")))
+    loop_until(client, lambda: len(got) == 3)
+    assert got == [("t/1", b"\x01"), ("t/split", b"s" * 100), ("t/big", big)]
