@@ -37,7 +37,7 @@ from edged.errors import EdgedError, InvalidInput
 from edged.metrics import fast_inc
 from edged.outbox import Outbox
 from edged.model_entry import ModelEntry
-from edged.transports.mqtt_client import LeanClient
+from edged.transports.mqtt_client import client_class
 from edged.transports.mqtt_codec import (  # noqa: F401 (decode_raw and response_topic_problem are re-exported)
     JSON_CONTENT_TYPE, RAW_CONTENT_TYPE, RawReplyFields, decode_raw, pack_fields, reply_properties,
     response_topic_problem, user_properties,
@@ -113,7 +113,7 @@ class MqttTransport:
         self._connections = 0
 
     def _make_client(self) -> mqtt.Client:
-        client = LeanClient(
+        client = client_class()(
             mqtt.CallbackAPIVersion.VERSION2, client_id=f"edged-{self.device}", protocol=mqtt.MQTTv5,
         )
         if self.cfg.username:

@@ -271,3 +271,9 @@ def test_packets_read_together_or_split_are_all_delivered_whole(linked):
     broker.conn.sendall(publish_packet("t/big", big, qos=1, mid=9, props=props_of(ContentType="c")))
     loop_until(client, lambda: len(got) == 3)
     assert got == [("t/1", b"\x01"), ("t/split", b"s" * 100), ("t/big", big)]
+
+
+def test_the_daemon_uses_the_lean_client_on_paho_2():
+    from edged.transports.mqtt_client import client_class
+
+    assert client_class() is LeanClient
