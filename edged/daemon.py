@@ -19,6 +19,7 @@ from edged.dataplane import DataPlane
 from edged.metrics import Metrics
 from edged.registry import BROKEN_VERSION, ModelRegistry
 from edged.transports.http import HttpTransport
+from edged.transports.http_body import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class Daemon:
         self.status(f"loading models from {self.config.models_path}")
         await asyncio.to_thread(self.dataplane.start)
         trim_heap()
+        keep_freed_memory()  # from here on; the idle trim after big requests hands it back
         for service in self.services:
             await service.start()
         ready = [e for e in self.registry.index() if e.ready]
