@@ -39,8 +39,8 @@ from edged.outbox import Outbox
 from edged.model_entry import ModelEntry
 from edged.transports.mqtt_client import client_class
 from edged.transports.mqtt_codec import (  # noqa: F401 (decode_raw and response_topic_problem are re-exported)
-    JSON_CONTENT_TYPE, RAW_CONTENT_TYPE, RawReplyFields, decode_raw, pack_fields, reply_properties,
-    response_topic_problem, user_properties,
+    JSON_CONTENT_TYPE, RAW_CONTENT_TYPE, RawReplyFields, decode_raw, finish_properties, pack_fields,
+    reply_properties, response_topic_problem, user_properties,
 )
 from edged.v2 import decode_request, encode_response
 
@@ -98,6 +98,7 @@ class MqttTransport:
         # Handlers run on a worker thread, never on paho's network thread.
         self.subscriptions: dict[str, Callable[[str, bytes], None]] = {}
         self.client = self._make_client()
+        self._publish_qos0 = getattr(self.client, "publish_qos0", None)  # LeanClient's lean QoS 0 replies
 
     # -- setup ------------------------------------------------------------
     def _setup_metrics(self) -> None:
@@ -286,8 +287,11 @@ class MqttTransport:
             answer = self._error("internal error (details are in the device's log)", "internal")
         payload, fields = answer
         try:
-            props = reply_properties(fields, reply.correlation)
-            self.client.publish(reply.topic, payload, qos=self.cfg.qos, properties=props)
+            if self.cfg.qos == 0 and self._publish_qos0 is not None:
+                self._publish_qos0(reply.topic, payload, finish_properties(fields, reply.correlation))
+            else:
+                self.client.publish(reply.topic, payload, qos=self.cfg.qos,
+                                    properties=reply_properties(fields, reply.correlation))
         except (ValueError, TypeError) as exc:
             log.warning("MQTT reply to %s for %s could not be sent: %s", reply.topic, request_topic, exc)
 

@@ -41,6 +41,7 @@ PUBLISH_PROPERTIES: dict[int, tuple[str, int]] = {
     if PacketTypes.PUBLISH in _TABLES.properties[ident][1]
 }
 READ_SIZE = 65536  # bytes asked of the socket at once
+PUBLISH_QOS0 = bytes([mqtt.PUBLISH])  # fixed header's first byte: PUBLISH, QoS 0, no DUP, no RETAIN
 MULTIPLE = {11, 38}  # Subscription Identifier and User Property may repeat
 # Values paho refuses when it sets them: Payload Format Indicator, Subscription Identifier, Topic Alias.
 RANGES = {1: (0, 1), 11: (1, 268_435_455), 35: (1, 65535)}
@@ -68,6 +69,18 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
             return value, pos
         shift += 7
     raise ValueError("variable byte integer over 4 bytes")
+
+
+def _remaining_length(size: int) -> bytes:
+    """A packet's Remaining Length as a Variable Byte Integer."""
+    if size > 268_435_455:
+        raise ValueError("packet too large for MQTT")
+    out = bytearray()
+    while True:
+        byte, size = size & 0x7F, size >> 7
+        out.append(byte | 0x80 if size else byte)
+        if not size:
+            return bytes(out)
 
 
 def _string(data: bytes, pos: int, end: int) -> tuple[str, int]:
@@ -241,6 +254,25 @@ class LeanClient(mqtt.Client):
         self._send_queued()
         return rc
 
+    # -- replies -------------------------------------------------------------
+    def publish_qos0(self, topic: str, payload: bytes, properties: bytes) -> mqtt.MQTTMessageInfo:
+        """A QoS 0 PUBLISH whose properties are already in wire form (their length
+        first), queued as paho's publish() queues it: the same packet, without its
+        conversions and checks for every kind of payload and properties."""
+        topic_bytes = topic.encode()
+        if b"+" in topic_bytes or b"#" in topic_bytes or len(topic_bytes) > 65535:
+            raise ValueError(f"cannot publish to topic {topic!r} (a wildcard, or over 65535 bytes)")
+        mid = self._mid_generate()
+        info = mqtt.MQTTMessageInfo(mid)
+        if self._sock is None:
+            info.rc = mqtt.MQTTErrorCode.MQTT_ERR_NO_CONN
+            return info
+        size = 2 + len(topic_bytes) + len(properties) + len(payload)
+        packet = b"".join((PUBLISH_QOS0, _remaining_length(size), len(topic_bytes).to_bytes(2, "big"), topic_bytes,
+                           properties, payload))
+        info.rc = self._packet_queue(mqtt.PUBLISH, packet, mid, 0, info)
+        return info
+
     def _send_queued(self) -> None:
         """Write what the handler queued (its reply) now, on this network thread, rather
         than after paho's loop wakes up for it; a write error is handled as paho's loop
@@ -251,7 +283,8 @@ class LeanClient(mqtt.Client):
 
 def client_class() -> type[mqtt.Client]:
     """LeanClient on the paho 2 it was written and tested against, else paho's own client."""
-    internals = ("_handle_publish", "_handle_on_message", "_sock_recv", "_send_puback", "_packet_queue")
+    internals = ("_handle_publish", "_handle_on_message", "_sock_recv", "_send_puback", "_packet_queue",
+                 "_mid_generate")
     if paho.mqtt.__version__.startswith("2.") and all(hasattr(mqtt.Client, name) for name in internals):
         return LeanClient
     return mqtt.Client

@@ -277,3 +277,32 @@ def test_the_daemon_uses_the_lean_client_on_paho_2():
     from edged.transports.mqtt_client import client_class
 
     assert client_class() is LeanClient
+
+
+@pytest.mark.parametrize("size", [0, 40, 200, 20000, 2_500_000])  # one-, two-, three- and four-byte lengths
+def test_publish_qos0_writes_the_packet_paho_writes(linked, size):
+    from edged.transports.mqtt_codec import finish_properties, pack_fields, reply_properties
+
+    client, broker = linked
+    fields = pack_fields("application/x-edged-tensor", [("dtype", "FP32"), ("shape", "1,10")])
+    payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    info = client.publish_qos0("replies/a", payload, finish_properties(fields, b"\x01corr"))
+    client.publish("replies/a", payload, qos=0, properties=reply_properties(fields, b"\x01corr"))
+    broker.conn.settimeout(10)
+    sent = []
+    receiver = threading.Thread(target=lambda: sent.extend(broker.read_packet() for _ in range(2)))
+    receiver.start()
+    loop_until(client, lambda: not client.want_write())
+    receiver.join(30)
+    assert info.rc == mqtt.MQTT_ERR_SUCCESS and len(sent) == 2 and sent[0] == sent[1]
+    with pytest.raises(ValueError, match="wildcard"):
+        client.publish_qos0("replies/+", b"", b"\x00")
+
+
+def test_remaining_length_is_paho_s_variable_byte_integer():
+    from edged.transports.mqtt_client import _remaining_length
+
+    for size in (0, 1, 127, 128, 16383, 16384, 2_097_151, 2_097_152, 268_435_455):
+        assert _remaining_length(size) == bytes(VariableByteIntegers.encode(size))
+    with pytest.raises(ValueError):
+        _remaining_length(268_435_456)
