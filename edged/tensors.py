@@ -55,6 +55,9 @@ def numpy_dtype(datatype: str) -> np.dtype:
     return dtype
 
 
+_INT_LIMITS = {np.dtype(t): (int(np.iinfo(t).min), int(np.iinfo(t).max)) for t in (np.int8, np.uint8, np.int16, np.uint16)}
+
+
 @dataclass(frozen=True)
 class Quantization:
     """Affine int8/uint8 quantization: real = scale * (q - zero_point)."""
@@ -63,9 +66,14 @@ class Quantization:
     zero_point: int
 
     def quantize(self, values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-        info = np.iinfo(dtype)
-        q = np.round(values / self.scale) + self.zero_point
-        return np.clip(q, info.min, info.max).astype(dtype)
+        """Round half to even, then clip to ``dtype``'s range; in place on one
+        temporary array (a request's input passes here on every int8 model)."""
+        low, high = _INT_LIMITS.get(np.dtype(dtype)) or (np.iinfo(dtype).min, np.iinfo(dtype).max)
+        q = values / self.scale
+        np.rint(q, out=q)
+        q += self.zero_point
+        np.clip(q, low, high, out=q)
+        return q.astype(dtype)
 
     def dequantize(self, values: np.ndarray) -> np.ndarray:
         return (values.astype(np.float32) - self.zero_point) * np.float32(self.scale)
