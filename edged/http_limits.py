@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from edged.errors import EdgedError, Overloaded
+from edged.transports.http_body import BodyReader
 
 if TYPE_CHECKING:
-    from edged.transports.http_fast import LeanInfer
+    from edged.transports.http_fast import Head, LeanInfer
+    from edged.model_entry import ModelEntry
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,15 @@ class InflightBudget:
         self.reserve(nbytes)
         return Hold(self, nbytes)
 
+    def try_hold(self, nbytes: int) -> "Hold | None":
+        """A hold of ``nbytes``, or None (not counted as a refusal) when they are not there."""
+        with self._lock:
+            if self.used + nbytes > self.limit:
+                return None
+            self.used += nbytes
+            self.peak_since_trim = max(self.peak_since_trim, self.used)
+        return Hold(self, nbytes)
+
 
 @dataclass
 class Hold:
@@ -169,9 +180,10 @@ class _Watched(asyncio.Protocol):
     first request's headers do not arrive within ``header_timeout`` seconds.
 
     With the gate's ``lean`` path (``edged.transports.http_fast``), the requests it
-    reads are answered here. Another plain request is handed to aiohttp on its own,
-    and the lean path goes on once aiohttp has answered it; anything else (a body
-    still streaming in, chunked, an upgrade...) and all bytes after it go to aiohttp,
+    reads are answered here (a big body is read by a ``BodyReader`` in its place).
+    Another plain request is handed to aiohttp on its own, and the lean path goes on
+    once aiohttp has answered it; anything else (a body still streaming in that the
+    lean path does not take, chunked, an upgrade...) and all bytes after it go to aiohttp,
     which keeps the connection from then on. Answers leave in request order."""
 
     def __init__(self, inner: Any, gate: "ConnectionGate") -> None:
@@ -235,8 +247,17 @@ class _Watched(asyncio.Protocol):
         while at < size and transport is not None:
             parsed = lean.parse(data, at)  # offsets, not slices: no copy of the rest per request
             if type(parsed) is int:  # a lean request still arriving
-                self._held = data[at:]
-                self._body_wait(parsed)
+                head = lean.pending(data, at) if parsed >= 0 else None
+                if head is None:  # a small body (or the head) still arriving: wait for it here
+                    self._held = data[at:]
+                    self._body_wait(parsed)
+                    return
+                admitted = lean.admit(head)
+                if admitted is None:
+                    break  # aiohttp answers (and reads the body)
+                if answered:
+                    self._kept_alive()
+                self._read_body(head, *admitted, data)
                 return
             answer = lean(parsed[0]) if parsed is not None else None
             if answer is None:
@@ -273,6 +294,28 @@ class _Watched(asyncio.Protocol):
         self._body_wait(None)
         self._lean = None
         inner.data_received(data[at:] if at else data)
+
+    def _read_body(self, head: Head, entry: ModelEntry, hold: Hold, data: bytes) -> None:
+        """Read the rest of a big body straight into one buffer of its size (``BodyReader``)."""
+        self._body_wait(None)
+        body = bytearray(head.size)
+        got = len(data) - head.start
+        body[:got] = memoryview(data)[head.start:]
+        self._transport.set_protocol(BodyReader(self, head, hold, entry, body, got))  # type: ignore[union-attr]
+
+    def _body_here(self, reader: BodyReader) -> None:
+        """A big body has all arrived: this is the protocol again; it is answered by a
+        coroutine, and the connection reads on once that answer is sent."""
+        transport = self._transport
+        if transport is None:
+            return
+        transport.set_protocol(self)
+        hold, body = reader.hold, reader.body
+        reader.hold, reader.body = None, bytearray()
+        self._kept_alive()  # aiohttp's idle timer: the request is in progress from now
+        self._wait("lean", b"")
+        answer = self._lean.body_here(reader.head, body, reader.entry, hold)  # type: ignore[union-attr, arg-type]
+        self._finishing = asyncio.ensure_future(self._finish(answer))
 
     def _wait(self, busy: str, held: bytes) -> None:
         """Read no more requests until the one in hand is answered (``_done``)."""

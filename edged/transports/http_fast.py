@@ -1,19 +1,22 @@
 """The lean path for the request that must be fast: ``POST /v2/models/M[/versions/V]/infer``
-on a keep-alive HTTP/1.1 connection, whole request already received.
+on a keep-alive HTTP/1.1 connection.
 
 aiohttp stays the server: this only reads requests that are plainly what the hot
 path expects (strict request line, no transfer or content coding, no ``Expect``,
-``Connection`` only ``keep-alive``, one Content-Length, a body of at most 64 KiB)
+``Connection`` only ``keep-alive``, one Content-Length of at most http.max_body_bytes)
 and answers them from the connection's protocol (``edged.http_limits._Watched``)
 without aiohttp's request, task and response objects, with the steps and the
-answer bytes of ``HttpTransport.infer``. A model that runs in a worker thread or the
-batcher is answered by a coroutine; the connection reads on when it is sent.
+answer bytes of ``HttpTransport.infer``. A body of up to 64 KiB is gathered from the
+reads; a bigger one still arriving is read straight into one buffer of its size
+(``edged.http_limits.BodyReader``) once its checks pass and its bytes are reserved,
+and decoded in a worker thread as on the aiohttp path. A model that runs in a worker
+thread or the batcher is answered by a coroutine; the connection reads on when it is sent.
 
 Anything else goes to aiohttp byte for byte: a plain request (another route, a
-failed token check, an unknown model, a big body that has all arrived) on its own,
-after which the connection comes back here once aiohttp has answered it (``frame``);
-anything else (chunked, an upgrade, a body still streaming in) with all the bytes
-after it, and aiohttp keeps that connection.
+failed token check, an unknown model) on its own, after which the connection comes
+back here once aiohttp has answered it (``frame``); anything else (chunked, an
+upgrade, a body still streaming in that the lean path does not take) with all the
+bytes after it, and aiohttp keeps that connection.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import time
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Awaitable, Mapping
+from typing import TYPE_CHECKING, Awaitable, Mapping, NamedTuple
 
 from aiohttp.http import SERVER_SOFTWARE
 
@@ -73,13 +76,23 @@ class LeanRequest:
     header_length: int | None = None
 
 
+class Head(NamedTuple):
+    """A lean request's head: ``size`` body bytes follow from offset ``start``."""
+
+    model: str
+    version: str | None
+    headers: Mapping[bytes, bytes]
+    size: int
+    header_length: int | None
+    start: int
+
+
 MORE_HEAD = -1  # parse(): the head has not all arrived yet
 
 
-def parse(buffer: bytes | bytearray, max_body_bytes: int, at: int = 0) -> tuple[LeanRequest, int] | int | None:
-    """The request at offset ``at`` of ``buffer`` and the offset where it ends; while it
-    is still arriving, MORE_HEAD or how many of its body bytes are here; None when it
-    is not one the lean path answers (aiohttp then reads it from the same bytes)."""
+def parse_head(buffer: bytes | bytearray, max_body_bytes: int, at: int = 0) -> Head | int | None:
+    """The head of the request at offset ``at`` of ``buffer`` (its body may still be
+    arriving); MORE_HEAD while the head is; None as :func:`parse`."""
     end = buffer.find(b"\r\n\r\n", at, at + MAX_HEAD_BYTES + 4)
     if end < 0:
         return MORE_HEAD if _may_become_lean(bytes(buffer[at:at + MAX_HEAD_BYTES])) else None
@@ -94,17 +107,26 @@ def parse(buffer: bytes | bytearray, max_body_bytes: int, at: int = 0) -> tuple[
     if length is None or DIGITS.fullmatch(length) is None:
         return None
     size = int(length)
-    start = end + 4
     if size > max_body_bytes:
-        return None  # aiohttp reads it as it streams in (or answers 413)
-    if len(buffer) < start + size:
-        return len(buffer) - start
+        return None  # aiohttp answers 413
     version = first[2]
     header = headers.get(HEADER_LENGTH_KEY)
-    request = LeanRequest(first[1].decode(), version.decode() if version is not None else None, headers,
-                          bytearray(memoryview(buffer)[start:start + size]),
-                          None if header is None else int(header) if DIGITS.fullmatch(header) else -1)
-    return request, start + size
+    return Head(first[1].decode(), version.decode() if version is not None else None, headers, size,
+                None if header is None else int(header) if DIGITS.fullmatch(header) else -1, end + 4)
+
+
+def parse(buffer: bytes | bytearray, max_body_bytes: int, at: int = 0) -> tuple[LeanRequest, int] | int | None:
+    """The request at offset ``at`` of ``buffer`` and the offset where it ends; while it
+    is still arriving, MORE_HEAD or how many of its body bytes are here; None when it
+    is not one the lean path answers (aiohttp then reads it from the same bytes)."""
+    head = parse_head(buffer, max_body_bytes, at)
+    if head is None or type(head) is int:
+        return head
+    start, size = head.start, head.size
+    if len(buffer) < start + size:
+        return len(buffer) - start
+    return LeanRequest(head.model, head.version, head.headers, bytearray(memoryview(buffer)[start:start + size]),
+                       head.header_length), start + size
 
 
 class HeadCache:
@@ -139,6 +161,12 @@ class HeadCache:
             return len(buffer) - start
         return LeanRequest(model, version, headers, bytearray(memoryview(buffer)[start:start + size]),
                            header_length), start + size
+
+    def pending(self, buffer: bytes | bytearray, at: int = 0) -> Head | None:
+        """The head of the request at ``at`` once it has all arrived (for a body still
+        arriving), else None; the head is read afresh (once per request, not per read)."""
+        head = parse_head(buffer, self.max_body_bytes, at)
+        return None if head is None or type(head) is int else head
 
 
 def frame(buffer: bytes | bytearray, at: int, max_body_bytes: int) -> int | None:
@@ -223,13 +251,14 @@ def render(status: int, headers: list[tuple[str, str]], body: bytes) -> bytes:
 
 class LeanInfer:
     """The lean path's infer handler: the steps of ``HttpTransport.infer``, answered as
-    bytes, or by a coroutine when the model runs in a worker thread or the batcher or
-    the response is too big to encode on the loop. None hands the request to aiohttp
-    (only before anything is counted or run, so aiohttp starts it afresh)."""
+    bytes, or by a coroutine when the model runs in a worker thread or the batcher, the
+    body is too big to decode on the loop, or the response too big to encode on it.
+    None hands the request to aiohttp (only before anything is counted or run, so
+    aiohttp starts it afresh)."""
 
     def __init__(self, http: "HttpTransport") -> None:
         self.http = http
-        self.heads = HeadCache(min(http.max_body_bytes, OFFLOAD_BYTES))
+        self.heads = HeadCache(http.max_body_bytes)
         self.parse = self.heads.parse  # (buffer, at) -> as parse()
         self.layouts = BinaryLayouts()
         self.responses = BinaryResponses()
@@ -248,7 +277,16 @@ class LeanInfer:
         return error_bytes(RequestTimeout(f"no request body bytes for {timeout:g} s (http.body_timeout_s); "
                                           f"{arrived} bytes arrived"))
 
-    def __call__(self, request: LeanRequest) -> bytes | None | Awaitable[bytes]:
+    def pending(self, buffer: bytes | bytearray, at: int) -> Head | None:
+        """The head of the request at ``at`` when its body, still arriving, is big
+        (over OFFLOAD_BYTES): such a body is read straight into one buffer
+        (``edged.http_limits.BodyReader``) once :meth:`admit` lets it in."""
+        head = self.heads.pending(buffer, at)
+        return head if head is not None and head.size > OFFLOAD_BYTES else None
+
+    def _checked(self, request: LeanRequest | Head) -> ModelEntry | None:
+        """The token, the model and the header length field, as the aiohttp path checks
+        them; None when aiohttp should answer (it counts and logs the refusal)."""
         http = self.http
         if http.tokens is not None:
             authorization = request.headers.get(b"authorization")
@@ -256,29 +294,60 @@ class LeanInfer:
                 check_access(http.tokens, Access.INFER, authorization.decode() if authorization is not None else None)
             except EdgedError:
                 return None  # aiohttp answers the refusal, counts and logs it
-        dataplane = http.dataplane
         try:
-            entry = dataplane.check_model(request.model, request.version)
+            entry = http.dataplane.check_model(request.model, request.version)
         except EdgedError:
             return None  # aiohttp answers it (nothing was counted)
         header_length = request.header_length
         if header_length is not None and header_length < 0:
             return None  # aiohttp names what is wrong with it
+        return entry
+
+    def admit(self, head: Head) -> tuple[ModelEntry, Hold] | None:
+        """Before a big body is read: the checks, and its bytes reserved in the in-flight
+        budget; None leaves the request to aiohttp (which answers a refusal, 503 when the
+        budget is short, and reads or drops the body)."""
+        entry = self._checked(head)
+        if entry is None:
+            return None
+        hold = self.http.budget.try_hold(head.size)
+        return None if hold is None else (entry, hold)
+
+    def __call__(self, request: LeanRequest) -> bytes | None | Awaitable[bytes]:
+        http = self.http
+        entry = self._checked(request)
+        if entry is None:
+            return None
         body = request.body
         max_body = http.max_body_bytes
         try:
             hold = http.budget.hold(min(len(body) or max_body, max_body))
         except EdgedError as exc:
             return error_bytes(exc)
-        later = None
+        if len(body) > OFFLOAD_BYTES:
+            return self.big(request, entry, hold)
         try:
+            header_length = request.header_length
             decoded = None if header_length is None else self.layouts.decode(
                 request.model, request.version, body, header_length)
             if decoded is None:
                 decoded = decode_request(request.model, request.version, body, header_length, hold.take)
                 if header_length is not None:
                     self.layouts.learn(body, header_length, decoded)
-            del body
+        except Exception as exc:
+            if hold.release():
+                http._trim_soon()
+            return error_bytes(exc)
+        del body
+        return self._run(hold, entry, decoded)
+
+    def _run(self, hold: Hold, entry: ModelEntry, decoded: DecodedRequest) -> bytes | Awaitable[bytes]:
+        """A decoded request: run on the loop and answered as bytes, or by ``_later``;
+        ``hold`` is released once it is answered."""
+        http = self.http
+        dataplane = http.dataplane
+        later = None
+        try:
             http._lean_inc(1)
             if not dataplane.runs_inline(decoded.request, http.inline_max_us, entry):
                 later = self._later(hold, entry, decoded, None)
@@ -298,6 +367,33 @@ class LeanInfer:
         finally:
             if later is None and hold.release():
                 http._trim_soon()
+
+    def body_here(self, head: Head, body: bytearray, entry: ModelEntry, hold: Hold) -> Awaitable[bytes]:
+        """The answer to an admitted request whose big body has been read (``admit``)."""
+        return self.big(LeanRequest(head.model, head.version, head.headers, body, head.header_length), entry, hold)
+
+    async def big(self, request: LeanRequest, entry: ModelEntry, hold: Hold) -> bytes:
+        """A request with a big body (``hold`` has its bytes): decoded in a worker thread
+        one at a time (``HttpTransport._codec``) as on the aiohttp path; a binary body
+        whose JSON header was seen before is only viewed, on the loop."""
+        http = self.http
+        try:
+            body, request.body = request.body, bytearray()
+            header_length = request.header_length
+            decoded = None if header_length is None else self.layouts.decode(
+                request.model, request.version, body, header_length)
+            if decoded is None:
+                decoded = await http._codec("decode", len(body), decode_request, request.model, request.version, body,
+                                            header_length, hold.take)
+                if header_length is not None:
+                    self.layouts.learn(body, header_length, decoded)
+            del body
+        except Exception as exc:
+            if hold.release():
+                http._trim_soon()
+            return error_bytes(exc)
+        answer = self._run(hold, entry, decoded)
+        return answer if isinstance(answer, bytes) else await answer
 
     async def _later(self, hold: Hold, entry: ModelEntry, decoded: DecodedRequest,
                      response: InferenceResponse | None) -> bytes:

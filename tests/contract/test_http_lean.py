@@ -1,18 +1,22 @@
 """The lean HTTP path (edged.transports.http_fast) against a real `edged serve`: it
 answers plain infer requests with the bytes aiohttp would have sent, leaves
 everything else to aiohttp on the same connection, keeps requests in order, and
-keeps the body, idle and token rules.
+keeps the body, idle and token rules. A big body is read on the lean path too
+(straight into one buffer), over TLS as well.
 
 Which path answered is read from `edged_http_lean_requests_total`; no assertion
 is on time."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import socket
+import ssl
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -238,3 +242,136 @@ def test_tokens_are_checked_on_the_lean_path(demo_bundles, tmp_path):
         assert _lean_count(proc) == 1
     finally:
         assert proc.stop() == 0, proc.logs()
+
+
+def big_json(pad: int = 300_000) -> bytes:
+    """A JSON request for the digits model, over 64 KiB (spaces inside the object)."""
+    body = requests()["json"][0]
+    return b"{" + b" " * pad + body[1:]
+
+
+def _metric(daemon, name: str) -> float:
+    text = http("GET", daemon.url + "/metrics", timeout=30)[1].decode()
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_a_big_body_is_read_on_the_lean_path_with_the_answer_aiohttp_sends(daemon):
+    body = big_json()
+    raw = post(body)
+    small, header_length = requests()["binary"]
+    after = post(small, header_length=header_length)
+    before = _lean_count(daemon)
+    decodes = _metric(daemon, 'edged_http_offloaded_total{what="decode"}')
+    sock, reader = connect(daemon)
+    try:
+        for piece in (raw[:100], raw[100:70_000], raw[70_000:200_000], raw[200_000:]):
+            sock.sendall(piece)
+            time.sleep(0.05)
+        lean = reader.answer()
+        sock.sendall(raw + after + raw)  # pipelined: answered in order, the connection goes on
+        answers = [reader.answer() for _ in range(3)]
+    finally:
+        sock.close()
+    aiohttp = exchange(daemon, post(body, extra="Accept: */*\r\nAccept: */*\r\n"))
+    assert lean == aiohttp == answers[0] == answers[2]
+    assert lean[0].startswith(b"HTTP/1.1 200 OK") and json.loads(lean[1])["id"] == "r1"
+    assert answers[1][0].startswith(b"HTTP/1.1 200 OK") and answers[1][0] != lean[0]
+    assert _lean_count(daemon) == before + 4
+    assert _metric(daemon, 'edged_http_offloaded_total{what="decode"}') == decodes + 4  # 3 here, 1 on aiohttp
+
+
+def test_a_big_malformed_body_gets_the_aiohttp_error(daemon):
+    body = b"{" + b" " * 100_000 + b"zzz"
+    lean = exchange(daemon, post(body))
+    aiohttp = exchange(daemon, post(body, extra="Accept: */*\r\nAccept: */*\r\n"))
+    assert lean == aiohttp and lean[0].startswith(b"HTTP/1.1 400 Bad Request")
+
+
+def _inflight_back_to_zero(daemon) -> bool:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if _metric(daemon, "edged_http_inflight_bytes") == 0:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_big_body_that_stops_coming_gets_408_and_its_bytes_back(daemon):
+    raw = post(big_json())
+    sock, reader = connect(daemon)
+    try:
+        sock.sendall(raw[:150_000])
+        head, answer = reader.answer()
+        assert head.startswith(b"HTTP/1.1 408 Request Timeout"), head
+        assert json.loads(answer)["code"] == "request_timeout"
+        with pytest.raises(ConnectionError):
+            reader.answer()
+    finally:
+        sock.close()
+    assert _inflight_back_to_zero(daemon)
+
+
+def test_a_connection_closed_in_a_big_body_gives_its_bytes_back(daemon):
+    raw = post(big_json())
+    sock, _ = connect(daemon)
+    sock.sendall(raw[:200_000])
+    time.sleep(0.2)
+    sock.close()
+    assert _inflight_back_to_zero(daemon)
+    assert exchange(daemon, raw)[0].startswith(b"HTTP/1.1 200 OK")
+
+
+def test_a_big_body_for_an_unknown_model_is_left_to_aiohttp(daemon):
+    raw = post(big_json(), path="/v2/models/nope/infer")
+    before = _lean_count(daemon)
+    sock, reader = connect(daemon)
+    try:
+        sock.sendall(raw[:100_000])
+        time.sleep(0.1)
+        sock.sendall(raw[100_000:] + post(big_json()))
+        first, second = reader.answer(), reader.answer()
+    finally:
+        sock.close()
+    assert first[0].startswith(b"HTTP/1.1 404 Not Found") and second[0].startswith(b"HTTP/1.1 200 OK")
+    assert _lean_count(daemon) == before  # aiohttp keeps that connection
+
+
+def test_a_big_body_over_tls_is_read_on_the_lean_path(demo_bundles, tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tests.contract.test_http_auth import _issue, _write, wait_tls_ready
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = _issue("edged test CA", ca_key, None, ca_key, ca=True)
+    server = _issue("edged", ca_key, ca.subject, server_key, ca=False,
+                    sans=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    ca_file, cert, key = _write(tmp_path / "ca.pem", ca), _write(tmp_path / "s.pem", server), _write(
+        tmp_path / "s.key", key=server_key)
+    proc = start_daemon(tmp_path / "d", DEMO_BUNDLES, wait=False, env={
+        "EDGED_LOAD": MODEL, "EDGED_HTTP_TLS_CERT_FILE": str(cert), "EDGED_HTTP_TLS_KEY_FILE": str(key)})
+    context = ssl.create_default_context(cafile=str(ca_file))
+    try:
+        wait_tls_ready(proc, context)
+        raw = post(big_json())
+        small, header_length = requests()["binary"]
+        sock = context.wrap_socket(socket.create_connection(("127.0.0.1", proc.port), timeout=WAIT),
+                                   server_hostname="127.0.0.1")
+        reader = Reader(sock)
+        try:
+            sock.sendall(raw[:90_000])
+            time.sleep(0.1)
+            sock.sendall(raw[90_000:] + post(small, header_length=header_length) + raw)
+            answers = [reader.answer() for _ in range(3)]
+            sock.sendall(post(big_json(), extra="Accept: */*\r\nAccept: */*\r\n"))  # aiohttp's answer
+            aiohttp = reader.answer()
+        finally:
+            sock.close()
+        with urllib.request.urlopen(f"https://127.0.0.1:{proc.port}/metrics", timeout=30, context=context) as resp:
+            metrics = resp.read().decode()
+    finally:
+        assert proc.stop() == 0, proc.logs()
+    assert answers[0] == answers[2] == aiohttp and aiohttp[0].startswith(b"HTTP/1.1 200 OK")
+    assert answers[1][0].startswith(b"HTTP/1.1 200 OK")
+    assert re.search(r"^edged_http_lean_requests_total 3\.0$", metrics, re.M), metrics

@@ -176,3 +176,30 @@ def test_a_remembered_head_reads_each_request_as_parse_does():
         raw = request(f"/v2/models/m{n}/infer")
         assert _outcome(cache.parse(raw)) == _outcome(parse(raw, LIMIT))
         assert len(cache._heads) <= MAX_HEADS
+
+
+def test_the_head_of_a_body_still_arriving_is_read_with_where_the_body_starts():
+    from edged.transports.http_fast import HeadCache, parse_head
+
+    raw = request("/v2/models/m/versions/2/infer", headers="Inference-Header-Content-Length: 2\r\n", body=b"{}" * 500)
+    start = raw.index(b"\r\n\r\n") + 4
+    head = parse_head(raw[:start + 10], LIMIT)
+    assert (head.model, head.version, head.size, head.header_length, head.start) == ("m", "2", 1000, 2, start)
+    assert parse(raw[:start + 10], LIMIT) == 10
+    cache = HeadCache(LIMIT)
+    assert cache.pending(b"xx" + raw[:start], 2) == head._replace(start=start + 2)
+    assert cache.pending(raw[:start - 2]) is None  # the head is still arriving
+    assert cache.pending(request(body=b"x", length=LIMIT + 1)[:-1]) is None  # over the limit: aiohttp's 413
+    assert parse_head(request("/v2/models/m/ready"), LIMIT) is None
+
+
+def test_a_budget_hold_that_does_not_fit_is_refused_without_counting():
+    from edged.http_limits import InflightBudget
+
+    refusals = []
+    budget = InflightBudget(100, on_refused=lambda: refusals.append(1))
+    hold = budget.try_hold(60)
+    assert hold is not None and budget.used == 60
+    assert budget.try_hold(41) is None and budget.used == 60 and refusals == []
+    hold.release()
+    assert budget.used == 0
