@@ -198,6 +198,7 @@ class _Watched(asyncio.Protocol):
         self._paused = False
         self._body_timer: asyncio.TimerHandle | None = None
         self._finishing: asyncio.Future[None] | None = None
+        self._busy_timer: asyncio.TimerHandle | None = None  # while a lean answer is being made
         self._handoffs = 0  # requests handed to aiohttp one by one so far
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -376,14 +377,29 @@ class _Watched(asyncio.Protocol):
             self._transport.close()
 
     async def _finish(self, answer: Awaitable[bytes]) -> None:
-        """Send an answer made in a coroutine, then go on with what came meanwhile."""
-        payload = await answer
+        """Send an answer made in a coroutine, then go on with what came meanwhile.
+        Until it is sent the connection is busy, not idle: aiohttp's idle timer, which
+        sees no request of its own, is pushed on (a batch that waits or a slow model
+        took longer than http.idle_timeout_s, and aiohttp closed the connection)."""
+        self._keep_open()
+        try:
+            payload = await answer
+        finally:
+            if self._busy_timer is not None:
+                self._busy_timer.cancel()
+                self._busy_timer = None
         transport = self._transport
         if transport is None:
             return
         transport.write(payload)  # type: ignore[attr-defined]
         self._kept_alive()
         self._done()
+
+    def _keep_open(self) -> None:
+        """aiohttp's idle close time pushed on now and every half idle timeout after."""
+        self._kept_alive()
+        inner = self.inner
+        self._busy_timer = inner._loop.call_later(inner._keepalive_timeout / 2, self._keep_open)
 
     def _kept_alive(self) -> None:
         """An answer went out: aiohttp's idle timer counts from now (it reschedules itself)."""

@@ -375,3 +375,23 @@ def test_a_big_body_over_tls_is_read_on_the_lean_path(demo_bundles, tmp_path):
     assert answers[0] == answers[2] == aiohttp and aiohttp[0].startswith(b"HTTP/1.1 200 OK")
     assert answers[1][0].startswith(b"HTTP/1.1 200 OK")
     assert re.search(r"^edged_http_lean_requests_total 3\.0$", metrics, re.M), metrics
+
+
+def test_an_answer_that_takes_longer_than_the_idle_timeout_still_arrives(demo_bundles, tmp_path):
+    """A lean request still being worked on is not idle: the batcher holds this one
+    for 4 s (max_queue_delay_us, no other request to batch with) while
+    http.idle_timeout_s is 1 s, and the connection must stay open for its answer."""
+    proc = start_daemon(tmp_path, DEMO_BUNDLES, extra_toml=(
+        f'load = ["{MODEL}"]\n[models.{MODEL}]\nmax_batch_size = 4\nmax_queue_delay_us = 4000000\n'),
+        env={"EDGED_HTTP_IDLE_TIMEOUT_S": "1"})
+    try:
+        body, header_length = requests()["binary"]
+        sock, reader = connect(proc)
+        try:
+            sock.sendall(post(body, header_length=header_length))
+            assert reader.answer()[0].startswith(b"HTTP/1.1 200 OK")
+        finally:
+            sock.close()
+        assert _lean_count(proc) == 1
+    finally:
+        assert proc.stop() == 0, proc.logs()
