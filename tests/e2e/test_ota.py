@@ -369,7 +369,7 @@ def test_kill9_at_each_state_leaves_a_consistent_device(state, tmp_path, mqtt_br
         device = start_device(tmp_path / "dev", "dev-k", mqtt_broker.port, keys.trusted_dir, [], releases["1.0.0"])
         check_consistent(device, expected)  # right after the restart: one version's outputs, never a mix
         # What start-up loaded: the old version until the active link moved (persisting), the new one after.
-        startup = device.logs()[offset:].split("OTA digits:")[0]
+        startup = device.logs()[offset:].split("OTA digits: downloading")[0]  # before the update resumes
         wanted = "2.0.0" if state == "watching" else "1.0.0"
         assert f"loaded digits {wanted}" in startup, startup
         wait_for(lambda: served_version(device) == "2.0.0" and ota_status(device)["state"] in ("watching", "active"),
