@@ -199,7 +199,7 @@ class HttpTransport:
         await self._runner.setup()
         server = self._runner.server
         assert server is not None  # setup() made it
-        from edged.transports.http_fast import LeanInfer
+        from edged.transports.http_fast_infer import LeanInfer
 
         self.gate = ConnectionGate(server, effective_max_connections(settings.max_connections), settings.header_timeout_s,
                                    on_refused=lambda reason: self.m_refused.labels(reason).inc(), lean=LeanInfer(self))

@@ -7,8 +7,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
-    from edged.http_limits import Hold, _Watched
+    from edged.http_limits import Hold
     from edged.model_entry import ModelEntry
+    from edged.transports.http_conn import _Watched
     from edged.transports.http_fast import Head
 
 READ_BYTES = 4 << 20  # socket reads for a big body: up to this much at once

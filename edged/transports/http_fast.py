@@ -4,11 +4,11 @@ on a keep-alive HTTP/1.1 connection.
 aiohttp stays the server: this only reads requests that are plainly what the hot
 path expects (strict request line, no transfer or content coding, no ``Expect``,
 ``Connection`` only ``keep-alive``, one Content-Length of at most http.max_body_bytes)
-and answers them from the connection's protocol (``edged.http_limits._Watched``)
+and answers them from the connection's protocol (``edged.transports.http_conn._Watched``)
 without aiohttp's request, task and response objects, with the steps and the
 answer bytes of ``HttpTransport.infer``. A body of up to 64 KiB is gathered from the
 reads; a bigger one still arriving is read straight into one buffer of its size
-(``edged.http_limits.BodyReader``) once its checks pass and its bytes are reserved,
+(``edged.transports.http_body.BodyReader``) once its checks pass and its bytes are reserved,
 and decoded in a worker thread as on the aiohttp path. A model that runs in a worker
 thread or the batcher is answered by a coroutine; the connection reads on when it is sent.
 
@@ -17,6 +17,9 @@ failed token check, an unknown model) on its own, after which the connection com
 back here once aiohttp has answered it (``frame``); anything else (chunked, an
 upgrade, a body still streaming in that the lean path does not take) with all the
 bytes after it, and aiohttp keeps that connection.
+
+This module reads the requests and makes the answers' bytes; the handler that
+answers them, ``LeanInfer``, is in ``edged.transports.http_fast_infer``.
 """
 
 from __future__ import annotations
@@ -27,22 +30,13 @@ import time
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Awaitable, Mapping, NamedTuple
+from typing import Mapping, NamedTuple
 
 from aiohttp.http import SERVER_SOFTWARE
 
-from edged.auth import Access, check_access
-from edged.dataplane import InferenceResponse
 from edged.errors import EdgedError
-from edged.http_limits import RequestTimeout
-from edged.transports.http import BINARY_TYPE, OFFLOAD_BYTES, error_response
-from edged.v2 import HEADER_LENGTH, DecodedRequest, decode_request, response_bytes
-from edged.v2_binary import BinaryLayouts, BinaryResponses
-
-if TYPE_CHECKING:
-    from edged.http_limits import Hold
-    from edged.model_entry import ModelEntry
-    from edged.transports.http import HttpTransport
+from edged.transports.http import BINARY_TYPE, error_response
+from edged.v2 import HEADER_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -247,181 +241,6 @@ def render(status: int, headers: list[tuple[str, str]], body: bytes) -> bytes:
     head += [b"%s: %s" % (name.encode(), value.encode()) for name, value in headers]
     head += [b"Content-Length: %d" % len(body), b"Date: " + _CLOCK.date(), b"Server: " + SERVER, b"", b""]
     return b"\r\n".join(head) + body
-
-
-class LeanInfer:
-    """The lean path's infer handler: the steps of ``HttpTransport.infer``, answered as
-    bytes, or by a coroutine when the model runs in a worker thread or the batcher, the
-    body is too big to decode on the loop, or the response too big to encode on it.
-    None hands the request to aiohttp (only before anything is counted or run, so
-    aiohttp starts it afresh)."""
-
-    def __init__(self, http: "HttpTransport") -> None:
-        self.http = http
-        self.heads = HeadCache(http.max_body_bytes)
-        self.parse = self.heads.parse  # (buffer, at) -> as parse()
-        self.layouts = BinaryLayouts()
-        self.responses = BinaryResponses()
-
-    def frame(self, buffer: bytes | bytearray, at: int) -> int | None:
-        return frame(buffer, at, self.http.max_body_bytes)
-
-    @property
-    def body_timeout(self) -> float:
-        return self.http.settings.body_timeout_s
-
-    def body_late(self, arrived: int) -> bytes:
-        """The 408 answer of the aiohttp path when a body stops coming (the connection then closes)."""
-        timeout = self.body_timeout
-        self.http.m_refused.labels("body_timeout").inc()
-        return error_bytes(RequestTimeout(f"no request body bytes for {timeout:g} s (http.body_timeout_s); "
-                                          f"{arrived} bytes arrived"))
-
-    def pending(self, buffer: bytes | bytearray, at: int) -> Head | None:
-        """The head of the request at ``at`` when its body, still arriving, is big
-        (over OFFLOAD_BYTES): such a body is read straight into one buffer
-        (``edged.http_limits.BodyReader``) once :meth:`admit` lets it in."""
-        head = self.heads.pending(buffer, at)
-        return head if head is not None and head.size > OFFLOAD_BYTES else None
-
-    def _checked(self, request: LeanRequest | Head) -> ModelEntry | None:
-        """The token, the model and the header length field, as the aiohttp path checks
-        them; None when aiohttp should answer (it counts and logs the refusal)."""
-        http = self.http
-        if http.tokens is not None:
-            authorization = request.headers.get(b"authorization")
-            try:
-                check_access(http.tokens, Access.INFER, authorization.decode() if authorization is not None else None)
-            except EdgedError:
-                return None  # aiohttp answers the refusal, counts and logs it
-        try:
-            entry = http.dataplane.check_model(request.model, request.version)
-        except EdgedError:
-            return None  # aiohttp answers it (nothing was counted)
-        header_length = request.header_length
-        if header_length is not None and header_length < 0:
-            return None  # aiohttp names what is wrong with it
-        return entry
-
-    def admit(self, head: Head) -> tuple[ModelEntry, Hold] | None:
-        """Before a big body is read: the checks, and its bytes reserved in the in-flight
-        budget; None leaves the request to aiohttp (which answers a refusal, 503 when the
-        budget is short, and reads or drops the body)."""
-        entry = self._checked(head)
-        if entry is None:
-            return None
-        hold = self.http.budget.try_hold(head.size)
-        return None if hold is None else (entry, hold)
-
-    def __call__(self, request: LeanRequest) -> bytes | None | Awaitable[bytes]:
-        http = self.http
-        entry = self._checked(request)
-        if entry is None:
-            return None
-        body = request.body
-        max_body = http.max_body_bytes
-        try:
-            hold = http.budget.hold(min(len(body) or max_body, max_body))
-        except EdgedError as exc:
-            return error_bytes(exc)
-        if len(body) > OFFLOAD_BYTES:
-            return self.big(request, entry, hold)
-        try:
-            header_length = request.header_length
-            decoded = None if header_length is None else self.layouts.decode(
-                request.model, request.version, body, header_length)
-            if decoded is None:
-                decoded = decode_request(request.model, request.version, body, header_length, hold.take)
-                if header_length is not None:
-                    self.layouts.learn(body, header_length, decoded)
-        except Exception as exc:
-            if hold.release():
-                http._trim_soon()
-            return error_bytes(exc)
-        del body
-        return self._run(hold, entry, decoded)
-
-    def _run(self, hold: Hold, entry: ModelEntry, decoded: DecodedRequest) -> bytes | Awaitable[bytes]:
-        """A decoded request: run on the loop and answered as bytes, or by ``_later``;
-        ``hold`` is released once it is answered."""
-        http = self.http
-        dataplane = http.dataplane
-        later = None
-        try:
-            http._lean_inc(1)
-            if not dataplane.runs_inline(decoded.request, http.inline_max_us, entry):
-                later = self._later(hold, entry, decoded, None)
-                return later
-            http._inline_inc(1)
-            response = dataplane.infer(decoded.request, "http", entry)
-            size = 0  # response_bytes(response)
-            for array in response.outputs.values():
-                size += array.nbytes
-            hold.take(size * 4)  # JSON text of numbers takes up to ~4x their binary size
-            if size > OFFLOAD_BYTES:
-                later = self._later(hold, entry, decoded, response)
-                return later
-            return answer_bytes(*self.responses.encode(response, decoded.binary_outputs, decoded.all_binary))
-        except Exception as exc:
-            return error_bytes(exc)
-        finally:
-            if later is None and hold.release():
-                http._trim_soon()
-
-    def body_here(self, head: Head, body: bytearray, entry: ModelEntry, hold: Hold) -> Awaitable[bytes]:
-        """The answer to an admitted request whose big body has been read (``admit``)."""
-        return self.big(LeanRequest(head.model, head.version, head.headers, body, head.header_length), entry, hold)
-
-    async def big(self, request: LeanRequest, entry: ModelEntry, hold: Hold) -> bytes:
-        """A request with a big body (``hold`` has its bytes): decoded in a worker thread
-        one at a time (``HttpTransport._codec``) as on the aiohttp path; a binary body
-        whose JSON header was seen before is only viewed, on the loop."""
-        http = self.http
-        try:
-            body, request.body = request.body, bytearray()
-            header_length = request.header_length
-            decoded = None if header_length is None else self.layouts.decode(
-                request.model, request.version, body, header_length)
-            if decoded is None:
-                decoded = await http._codec("decode", len(body), decode_request, request.model, request.version, body,
-                                            header_length, hold.take)
-                if header_length is not None:
-                    self.layouts.learn(body, header_length, decoded)
-            del body
-        except Exception as exc:
-            if hold.release():
-                http._trim_soon()
-            return error_bytes(exc)
-        answer = self._run(hold, entry, decoded)
-        return answer if isinstance(answer, bytes) else await answer
-
-    async def _later(self, hold: Hold, entry: ModelEntry, decoded: DecodedRequest,
-                     response: InferenceResponse | None) -> bytes:
-        """The rest of ``HttpTransport.infer`` off the loop: the model call in a worker
-        thread or the batcher (unless ``response`` is here), a big response encoded in a
-        worker thread."""
-        http = self.http
-        dataplane = http.dataplane
-        try:
-            if response is None:
-                if entry.batcher is not None:  # one thread hop per batch, not per request
-                    response = await dataplane.infer_batched(decoded.request, "http", entry)
-                else:
-                    response = await http._offload(dataplane.infer, decoded.request, "http", entry)
-                size = response_bytes(response)
-                hold.take(size * 4)
-            else:
-                size = response_bytes(response)
-            if size <= OFFLOAD_BYTES:
-                return answer_bytes(*self.responses.encode(response, decoded.binary_outputs, decoded.all_binary))
-            encoded = await http._codec("encode", size, self.responses.encode, response, decoded.binary_outputs,
-                                        decoded.all_binary)
-            return answer_bytes(*encoded)
-        except Exception as exc:
-            return error_bytes(exc)
-        finally:
-            if hold.release():
-                http._trim_soon()
 
 
 def answer_bytes(payload: bytes, json_length: int | None) -> bytes:

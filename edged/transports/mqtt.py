@@ -23,45 +23,30 @@ import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import paho.mqtt.client as mqtt
 from prometheus_client import Counter, Gauge
 
 from edged import __version__
 from edged.config import Config
 from edged.dataplane import INLINE_MAX_BYTES, DataPlane, InferenceRequest, InferenceResponse
-from edged.errors import EdgedError, InvalidInput
 from edged.metrics import fast_inc
 from edged.outbox import Outbox
 from edged.model_entry import ModelEntry
 from edged.transports.mqtt_client import client_class
 from edged.transports.mqtt_codec import (  # noqa: F401 (decode_raw and response_topic_problem are re-exported)
-    JSON_CONTENT_TYPE, RAW_CONTENT_TYPE, RawReplyFields, decode_raw, finish_properties, pack_fields,
-    reply_properties, response_topic_problem, user_properties,
+    JSON_CONTENT_TYPE, RawReplyFields, decode_raw, pack_fields, reply_properties, response_topic_problem,
 )
-from edged.v2 import decode_request, encode_response
+from edged.transports.mqtt_requests import MqttRequests
+from edged.v2 import encode_response
 
 log = logging.getLogger(__name__)
 
 INFLIGHT = 100  # outbox messages awaiting PUBACK at once
-Answer = tuple[bytes, bytes]  # payload, packed Content Type and User Properties (mqtt_codec.pack_fields)
-JSON_FIELDS = pack_fields(JSON_CONTENT_TYPE, [])
 
 
-@dataclass
-class Reply:
-    """Where a request's answer goes: its Response Topic (or the device's result
-    topic) with its Correlation Data; ``problem`` says why the Response Topic was refused."""
-
-    topic: str
-    correlation: bytes | None
-    problem: str | None
-
-
-class MqttTransport:
+class MqttTransport(MqttRequests):
     """Subscribes to infer topics, answers requests, drains the outbox."""
 
     def __init__(self, config: Config, dataplane: DataPlane) -> None:
@@ -240,90 +225,6 @@ class MqttTransport:
         props = json.dumps({"content_type": JSON_CONTENT_TYPE})
         self.outbox.put(topic, payload, qos=1, retain=True, properties=props)
         self._wake.set()
-
-    # -- requests -----------------------------------------------------------
-    def _handle_request(self, message: mqtt.MQTTMessage, inline: bool) -> None:
-        """Decode and answer one request. ``inline``: on paho's network thread, where a
-        request runs to the end only if its model is cheap (DataPlane.runs_inline, the
-        same rule HTTP uses on its event loop); others go on to a worker thread."""
-        props = message.properties
-        model = message.topic.rsplit("/", 1)[-1]
-        reply = self._reply_to(message, model)
-
-        def work() -> Answer | None:
-            if reply.problem is not None:
-                raise InvalidInput(f"request refused: {reply.problem}")
-            content_type = getattr(props, "ContentType", None) or JSON_CONTENT_TYPE
-            request, raw, entry = self._decode(model, message.payload, content_type, user_properties(props))
-            if inline and not self.dataplane.runs_inline(request, self.inline_max_us, entry):
-                self._submit(self._answer, message.topic, reply, lambda: self._infer(request, raw, entry))
-                return None
-            if inline:
-                self._count_inline(1)
-            return self._infer(request, raw, entry)
-
-        self._answer(message.topic, reply, work)
-
-    def _reply_to(self, message: mqtt.MQTTMessage, model: str) -> Reply:
-        fallback = f"{self.base}/result/{model}"
-        response_topic = getattr(message.properties, "ResponseTopic", None)
-        correlation = getattr(message.properties, "CorrelationData", None)
-        problem = response_topic_problem(response_topic) if response_topic is not None else None
-        if problem is not None:
-            log.warning("MQTT request on %s refused: %s; error sent to %s", message.topic, problem, fallback)
-            return Reply(fallback, correlation, problem)
-        return Reply(response_topic or fallback, correlation, None)
-
-    def _answer(self, request_topic: str, reply: Reply, work: Callable[[], Answer | None]) -> None:
-        """Run ``work`` and publish its answer, or its error; None: handed on to a worker."""
-        try:
-            answer = work()
-            if answer is None:
-                return
-        except EdgedError as exc:
-            answer = self._error(exc.message, exc.code)
-        except Exception:  # never let one message kill the loop; no exception text goes out
-            log.exception("MQTT request on %s failed", request_topic)
-            answer = self._error("internal error (details are in the device's log)", "internal")
-        payload, fields = answer
-        try:
-            if self.cfg.qos == 0 and self._publish_qos0 is not None:
-                self._publish_qos0(reply.topic, payload, finish_properties(fields, reply.correlation))
-            else:
-                self.client.publish(reply.topic, payload, qos=self.cfg.qos,
-                                    properties=reply_properties(fields, reply.correlation))
-        except (ValueError, TypeError) as exc:
-            log.warning("MQTT reply to %s for %s could not be sent: %s", reply.topic, request_topic, exc)
-
-    @staticmethod
-    def _error(message: str, code: str) -> Answer:
-        body = json.dumps({"error": message, "code": code}).encode()
-        return body, pack_fields(JSON_CONTENT_TYPE, [("error_code", code)])
-
-    def _decode(self, model: str, payload: bytes, content_type: str,
-                user: dict[str, str]) -> tuple[InferenceRequest, bool, ModelEntry]:
-        """The request, whether it is a raw tensor (else V2 JSON), and the model version
-        it goes to (found once, before a large body is decoded: ModelNotFound first)."""
-        version = user.get("version") or None
-        entry = self.dataplane.check_model(model, version)
-        if content_type != RAW_CONTENT_TYPE:
-            return decode_request(model, version, payload, None).request, False, entry
-        request = decode_raw(model, payload, user)
-        if "" in request.inputs:
-            specs = entry.model.bundle.manifest.inputs if entry.model is not None else []
-            if len(specs) != 1:
-                names = [spec.name for spec in specs]
-                raise InvalidInput(f"model {model} has inputs {names}: set user property 'input'")
-            request.inputs = {specs[0].name: request.inputs[""]}
-        return request, True, entry
-
-    def _infer(self, request: InferenceRequest, raw: bool, entry: ModelEntry) -> Answer:
-        response = self.dataplane.infer(request, "mqtt", entry)
-        if not raw:
-            return encode_response(response, set(), False)[0], JSON_FIELDS
-        name, array = next(iter(response.outputs.items()))
-        fields = self._raw_fields.get(name, array.dtype, array.shape, response.version)
-        return np.ascontiguousarray(array).tobytes(), fields
 
     # -- outbox -------------------------------------------------------------
     def _on_result(self, request: InferenceRequest, response: InferenceResponse, transport: str) -> None:
