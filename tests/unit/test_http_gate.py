@@ -1,4 +1,4 @@
-"""The connection wrapper of edged.http_limits with a lean path: answers leave in
+"""The connection wrapper (edged.transports.http_conn, made by edged.http_limits.ConnectionGate) with a lean path: answers leave in
 request order whether they are bytes at once, made in a coroutine, or aiohttp's.
 
 The wrapped aiohttp protocol and the transport are small stand-ins that record what
