@@ -11,32 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edged import v2
-from edged.errors import InvalidInput
 from edged.json_numbers import SimdNumbers
-from edged.v2 import decode_request, parse_request_json
+from edged.v2 import parse_request_json
+from tests.unit.v2_outcome import outcome, plain
 
 pytest.importorskip("simdjson")
-
-
-def _outcome(body: bytes | bytearray, simd_json: bool, header_length: int | None = None):
-    """("ok", {name: array}) or ("error", message) for one decode."""
-    try:
-        with warnings.catch_warnings():  # a number out of float32 range: numpy warns on both paths
-            warnings.simplefilter("ignore", RuntimeWarning)
-            decoded = decode_request("m", None, body, header_length, simd_json=simd_json)
-    except InvalidInput as exc:
-        return "error", exc.message
-    return "ok", decoded.request.inputs
-
-
-def _plain(body: bytes):
-    """The decode without the long-list path: one orjson.loads of the whole body."""
-    saved = v2.FAST_DATA_MIN_BYTES
-    v2.FAST_DATA_MIN_BYTES = 1 << 62
-    try:
-        return _outcome(body, True)
-    finally:
-        v2.FAST_DATA_MIN_BYTES = saved
 
 
 def _bits(array: np.ndarray) -> bytes:
@@ -60,11 +39,11 @@ def _decide_alike(body: bytes) -> tuple:
     (the first two to the word of an error).
     The body is given as a bytearray too, as HTTP reads it, and must be left as it was."""
     raw = bytearray(body)
-    simd = _outcome(raw, True)
+    simd = outcome(raw)
     assert bytes(raw) == body  # the brackets patched in for each piece were put back
-    _same(simd, _outcome(body, True))
-    _same(simd, _outcome(bytearray(body), False))
-    _same(simd, _plain(body), messages=False)  # the plain parse words its errors as orjson does
+    _same(simd, outcome(body))
+    _same(simd, outcome(bytearray(body), simd_json=False))
+    _same(simd, plain(body), messages=False)  # the plain parse words its errors as orjson does
     return simd
 
 
@@ -113,9 +92,9 @@ def test_a_real_size_body_reads_the_same_either_way():
     image = np.random.default_rng(1).random((1, 3, 224, 224), dtype=np.float32)
     body = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 224, 224], "datatype": "FP32",
                                    "data": image.ravel().tolist()}]}).encode()
-    simd = _outcome(bytearray(body), True)
+    simd = outcome(bytearray(body))
     assert simd[0] == "ok" and _bits(simd[1]["input"]) == _bits(image)
-    _same(simd, _outcome(bytearray(body), False))
+    _same(simd, outcome(bytearray(body), simd_json=False))
 
 
 @pytest.mark.parametrize("token", ["3.5e38", "-1e39", "1e308"])

@@ -14,31 +14,13 @@ from hypothesis import strategies as st
 from edged import v2
 from edged.errors import InvalidInput
 from edged.v2 import decode_request
+from tests.unit.v2_outcome import outcome, plain
 
 
 @pytest.fixture
 def small_pieces(monkeypatch):
     monkeypatch.setattr(v2, "FAST_DATA_MIN_BYTES", 8)
     monkeypatch.setattr(v2, "FAST_DATA_CHUNK_BYTES", 16)
-
-
-def _outcome(body: bytes | bytearray, header_length: int | None = None):
-    """("ok", {name: array}) or ("error", message) for one decode."""
-    try:
-        decoded = decode_request("m", None, body, header_length)
-    except InvalidInput as exc:
-        return "error", exc.message
-    return "ok", decoded.request.inputs
-
-
-def _plain(body: bytes, header_length: int | None = None):
-    """The decode without the fast path: one orjson.loads of the whole body."""
-    saved = v2.FAST_DATA_MIN_BYTES
-    v2.FAST_DATA_MIN_BYTES = 1 << 62
-    try:
-        return _outcome(body, header_length)
-    finally:
-        v2.FAST_DATA_MIN_BYTES = saved
 
 
 def _same(fast, plain) -> None:
@@ -59,9 +41,9 @@ def test_long_lists_decode_as_the_plain_parse_does(small_pieces, datatype):
     values = [0.5, -1.25e3, 3, 1e-7, 42, -0.0, 6.02e3, 7] * 5 if datatype.startswith("FP") else [0, 1, 2, 7, 100, 3, 1, 0] * 5
     raw = bytearray(_body([{"name": "x", "shape": [40], "datatype": datatype, "data": values}], ", "))
     before = bytes(raw)
-    fast = _outcome(raw)
+    fast = outcome(raw)
     assert bytes(raw) == before  # the brackets patched in for each piece were put back
-    _same(fast, _plain(before))
+    _same(fast, plain(before))
     assert fast[0] == "ok"
 
 
@@ -72,12 +54,12 @@ def test_two_long_lists_a_short_one_and_binary_data_after_the_json(small_pieces)
                   {"name": "bin", "shape": [2], "datatype": "INT8", "parameters": {"binary_data_size": 2}},
                   {"name": "b", "shape": [5, 5], "datatype": "INT32", "data": b.tolist()}])
     body = head + b"\x01\x02"
-    status, inputs = _outcome(body, len(head))
+    status, inputs = outcome(body, len(head))
     assert status == "ok"
     np.testing.assert_array_equal(inputs["a"], a)
     np.testing.assert_array_equal(inputs["b"], b.reshape(5, 5))
     np.testing.assert_array_equal(inputs["bin"], [1, 2])
-    _same((status, inputs), _plain(body, len(head)))
+    _same((status, inputs), plain(body, len(head)))
 
 
 @pytest.mark.parametrize("data", ["1.2.3", "1e", "--1", "1,,2", "1, 2,", ".5", "0x10", "1 2", "NaN", "Infinity", "+1", "01"])
@@ -89,7 +71,7 @@ def test_a_malformed_number_is_a_400_naming_the_tensor(small_pieces, data):
         decode_request("m", None, raw, None)
     assert "input pixels: 'data' is not a list of numbers" in caught.value.message
     assert bytes(raw) == before
-    assert _plain(before)[0] == "error"
+    assert plain(before)[0] == "error"
 
 
 @pytest.mark.parametrize("item", ["null", "true", "false", '"1.5"', "[1]", '{"a":1}', "{}", "[]", "nul", "tru"])
@@ -97,7 +79,7 @@ def test_lists_with_other_json_values_decide_as_the_plain_parse(small_pieces, it
     """Strings and nested lists take the plain parse; true, false, null and {} take the pieces."""
     text = ", ".join(["1.5"] * 20 + [item] + ["2.5"] * 20)
     raw = b'{"inputs":[{"name":"x","shape":[41],"datatype":"FP32","data":[%s]}]}' % text.encode()
-    _same(_outcome(raw), _plain(raw))
+    _same(outcome(raw), plain(raw))
 
 
 @pytest.mark.parametrize("where", [
@@ -112,7 +94,7 @@ def test_lists_with_other_json_values_decide_as_the_plain_parse(small_pieces, it
 ])
 def test_data_keys_elsewhere_and_odd_layouts_decide_as_the_plain_parse(small_pieces, where):
     raw = where % ", ".join(str(i / 4) for i in range(40)).encode()
-    _same(_outcome(raw), _plain(raw))
+    _same(outcome(raw), plain(raw))
 
 
 numbers = st.one_of(st.integers(-(2**40), 2**40), st.floats(allow_nan=False, allow_infinity=False, width=32))
@@ -132,11 +114,11 @@ def test_fuzz_the_fast_path_decides_as_the_plain_parse(values, datatype, at, cut
         raw = bytearray(b'{"inputs":[{"name":"t","shape":[%d],"datatype":"%s","data":[%s]}]}'
                         % (len(values), datatype.encode(), text.encode()))
         before = bytes(raw)
-        fast = _outcome(raw)
+        fast = outcome(raw)
         assert bytes(raw) == before
     finally:
         v2.FAST_DATA_MIN_BYTES, v2.FAST_DATA_CHUNK_BYTES = saved
-    _same(fast, _plain(before))
+    _same(fast, plain(before))
 
 
 def test_a_real_size_body_decodes(monkeypatch):
@@ -144,6 +126,6 @@ def test_a_real_size_body_decodes(monkeypatch):
     image = np.random.default_rng(1).random((1, 3, 224, 224), dtype=np.float32)
     raw = bytearray(_body([{"name": "input", "shape": list(image.shape), "datatype": "FP32", "data": image.ravel().tolist()}]))
     assert len(raw) > 4 * v2.FAST_DATA_CHUNK_BYTES
-    status, inputs = _outcome(raw)
+    status, inputs = outcome(raw)
     assert status == "ok"
     np.testing.assert_array_equal(inputs["input"], image)
