@@ -22,7 +22,8 @@ from edged.http_limits import (
 )
 from edged.metrics import fast_inc
 from edged.transports.http_body import big_reads, find_malloc_trim
-from edged.v2 import HEADER_LENGTH, decode_request, dumps, encode_response, parse_json_object, response_bytes
+from edged.transports.http_routes import ControlRoutes, json_response
+from edged.v2 import HEADER_LENGTH, decode_request, encode_response, response_bytes
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def error_response(exc: EdgedError) -> web.Response:
     status = STATUS_BY_CODE.get(exc.code, 500)
     headers = {"WWW-Authenticate": 'Bearer realm="edged"'} if status == 401 else None
-    return _json({"error": exc.message, "code": exc.code}, status, headers)
-
-
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=dumps(data), status=status, content_type="application/json", headers=headers)
+    return json_response({"error": exc.message, "code": exc.code}, status, headers)
 
 
 def _error_of(request: web.Request, exc: Exception) -> web.Response:
@@ -69,13 +66,14 @@ def _error_of(request: web.Request, exc: Exception) -> web.Response:
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return error_response(PayloadTooLarge(f"request body is over the limit: {exc.text}"))
     if isinstance(exc, web.HTTPException) and exc.status >= 400:
-        return _json({"error": exc.reason, "code": "http"}, exc.status)
+        return json_response({"error": exc.reason, "code": "http"}, exc.status)
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
-    return _json({"error": "internal error; the daemon's log has the details", "code": "internal"}, 500)
+    return json_response({"error": "internal error; the daemon's log has the details", "code": "internal"}, 500)
 
 
-class HttpTransport:
-    """The aiohttp application and server for one data plane."""
+class HttpTransport(ControlRoutes):
+    """The aiohttp application and server for one data plane (its health, metadata,
+    repository and OTA handlers come from ``ControlRoutes``)."""
 
     def __init__(self, dataplane: DataPlane, host: str, port: int, max_body_bytes: int, workers: int = 8,
                  inline_max_us: float = 0.0, settings: HttpConfig | None = None) -> None:
@@ -240,78 +238,6 @@ class HttpTransport:
                 return await self._offload(func, *args)
             finally:
                 self.m_codec_busy.dec()
-
-    # -- health and metadata ---------------------------------------------
-    async def server_metadata(self, request: web.Request) -> web.Response:
-        return _json(self.dataplane.server_metadata())
-
-    async def live(self, request: web.Request) -> web.Response:
-        return _json({"live": True})
-
-    async def ready(self, request: web.Request) -> web.Response:
-        ok = self.dataplane.ready()
-        return _json({"ready": ok}, 200 if ok else 503)
-
-    async def model_metadata(self, request: web.Request) -> web.Response:
-        info = request.match_info
-        return _json(self.dataplane.model_metadata(info["model"], info.get("version")))
-
-    async def model_ready(self, request: web.Request) -> web.Response:
-        info = request.match_info
-        ok = self.dataplane.model_ready(info["model"], info.get("version"))
-        return _json({"name": info["model"], "ready": ok}, 200 if ok else 503)
-
-    async def model_config(self, request: web.Request) -> web.Response:
-        info = request.match_info
-        meta = self.dataplane.model_metadata(info["model"], info.get("version"))
-        config = {
-            "name": meta["name"],
-            "platform": meta["platform"],
-            "input": [{"name": t["name"], "data_type": "TYPE_" + t["datatype"], "dims": t["shape"]} for t in meta.get("inputs", [])],
-            "output": [{"name": t["name"], "data_type": "TYPE_" + t["datatype"], "dims": t["shape"]} for t in meta.get("outputs", [])],
-        }
-        return _json(config)
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        return web.Response(body=self.dataplane.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    # -- repository -------------------------------------------------------
-    async def _json_body(self, request: web.Request) -> dict[str, Any]:
-        raw = await self._read(request)
-        if not raw.strip():
-            return {}
-        return await self._codec("decode", len(raw), parse_json_object, raw, "a JSON object")
-
-    async def repository_index(self, request: web.Request) -> web.Response:
-        data = await self._json_body(request)
-        rows = await self._offload(self.dataplane.repository_index, bool(data.get("ready", False)))
-        return _json(rows)
-
-    async def load(self, request: web.Request) -> web.Response:
-        await self._json_body(request)
-        await self._offload(self.dataplane.load_model, request.match_info["model"])
-        return _json({})
-
-    async def unload(self, request: web.Request) -> web.Response:
-        await self._json_body(request)
-        await self._offload(self.dataplane.unload_model, request.match_info["model"])
-        return _json({})
-
-    # -- OTA (edged extension) -----------------------------------------------
-    async def rollback(self, request: web.Request) -> web.Response:
-        data = await self._json_body(request)
-        version = await self._offload(self.dataplane.rollback, request.match_info["model"], data.get("version"))
-        return _json({"model": request.match_info["model"], "active": version})
-
-    async def ota_status(self, request: web.Request) -> web.Response:
-        return _json(self.dataplane.ota_status())
-
-    async def ota_update(self, request: web.Request) -> web.Response:
-        data = await self._json_body(request)
-        result = await self._offload(self.dataplane.ota_update, data)
-        return _json({"result": result}, 202)
 
     # -- inference --------------------------------------------------------
     def _body_now(self, request: web.Request) -> bytearray | None:
