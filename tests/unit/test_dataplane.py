@@ -79,9 +79,10 @@ def test_one_paused_run_barely_moves_the_inline_average_but_a_slow_model_gets_th
     try:
         plane.infer(request, "test", entry)
         assert entry.typical_latency_s == pytest.approx(1.1e-4)
+        assert plane.runs_inline(request, 1000.0, entry)  # with http.inline_max_us = 1000: still on the loop
         for _ in range(60):
             plane.infer(request, "test", entry)
-        assert entry.typical_latency_s >= 1e-3
+        assert not plane.runs_inline(request, 1000.0, entry)  # the slow model has left the loop
     finally:
         runtime.infer = real_infer
     text = plane.metrics.exposition().decode()  # the histogram has every run as it was
