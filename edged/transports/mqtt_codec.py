@@ -1,8 +1,12 @@
 """MQTT payloads and properties: raw tensors in, reply properties out.
 
 A raw request is the tensor's bytes with ``dtype`` and ``shape`` (and optionally
-``input`` and ``version``) as MQTT v5 user properties. Replies carry their
-properties packed once by hand: building and packing a paho ``Properties``
+``input`` and ``version``) as MQTT v5 user properties, or as parameters of its
+Content Type (``application/x-edged-tensor; dtype=FP32; shape="1,1,8,8"``, MIME
+parameter syntax, RFC 2045). A reply describes its tensor the way its request
+did: user properties, or Content Type parameters (two properties in all with the
+Correlation Data instead of six: stock paho parses each at ~10 µs). Replies carry
+their properties packed once by hand: building and packing a paho ``Properties``
 object costs tens of µs per message in pure Python, more than a small model's
 inference.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -33,8 +38,60 @@ CORRELATION_DATA_ID = b"\x09"
 USER_PROPERTY_ID = b"\x26"
 
 
+# RFC 2045 parameter: a token name, "=", a token or a quoted string; unquoted values
+# may also hold commas (shape=1,1,8,8), which strict MIME would quote.
+_TOKEN_CHARS = "[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_PARAM = re.compile(r';[ \t]*(' + _TOKEN_CHARS + r')[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^;"\s]*)[ \t]*')
+_TOKEN = re.compile(_TOKEN_CHARS)
+TENSOR_PARAMETERS = ("dtype", "shape", "input", "version")  # what a raw request's Content Type may name
+
+
 def user_properties(props: Any) -> dict[str, str]:
     return dict(getattr(props, "UserProperty", None) or [])
+
+
+@functools.lru_cache(maxsize=256)
+def content_type_parameters(content_type: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """A Content Type's media type (lower case) and its parameters (names lower case,
+    quoted values unquoted), memoised: a client sends the same text every request.
+    InvalidInput (never memoised) for parameters that do not parse."""
+    media = content_type.partition(";")[0]
+    rest = content_type[len(media):].rstrip(" \t;")
+    params = []
+    pos = 0
+    while pos < len(rest):
+        match = _PARAM.match(rest, pos)
+        if match is None:
+            raise InvalidInput(f"content type {content_type!r}: parameters must read '; name=value' "
+                               f"(a value with ';' or spaces in double quotes)")
+        name, value = match.groups()
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        params.append((name.lower(), value))
+        pos = match.end()
+    return media.strip().lower(), tuple(params)
+
+
+def raw_parameters(content_type: str) -> dict[str, str] | None:
+    """The tensor parameters (``TENSOR_PARAMETERS``) of a raw tensor Content Type with
+    parameters; None for any other content type, or the raw one without parameters."""
+    if content_type == RAW_CONTENT_TYPE or not content_type.startswith(RAW_CONTENT_TYPE):
+        return None
+    media, params = content_type_parameters(content_type)
+    if media != RAW_CONTENT_TYPE:
+        return None
+    return {name: value for name, value in params if name in TENSOR_PARAMETERS}
+
+
+def _parameter_value(value: str) -> str:
+    if _TOKEN.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def with_parameters(media: str, params: list[tuple[str, str]]) -> str:
+    """``media`` with MIME parameters (RFC 2045: values quoted unless a token)."""
+    return media + "".join(f"; {name}={_parameter_value(value)}" for name, value in params)
 
 
 def _raw_dtype(name: str) -> np.dtype:
@@ -74,7 +131,8 @@ def raw_spec(dtype_text: str, shape_text: str) -> tuple[np.dtype, tuple[int, ...
 def decode_raw(model: str, payload: bytes, user: dict[str, str]) -> InferenceRequest:
     """Raw tensor bytes with dtype and shape (and optionally input) in user properties."""
     if "dtype" not in user or "shape" not in user:
-        raise InvalidInput(f"raw tensor payload ({RAW_CONTENT_TYPE}) needs user properties 'dtype' and 'shape'")
+        raise InvalidInput(f"raw tensor payload ({RAW_CONTENT_TYPE}) needs user properties 'dtype' and 'shape' "
+                           f"(or Content Type parameters: {RAW_CONTENT_TYPE}; dtype=FP32; shape=\"1,3\")")
     dtype, shape, expected = raw_spec(user["dtype"], user["shape"])
     if len(payload) != expected:
         raise InvalidInput(f"raw tensor of shape {list(shape)} {dtype.name} needs {expected} bytes, got {len(payload)}")
@@ -124,22 +182,28 @@ def finish_properties(fields: bytes, correlation: bytes | None) -> bytes:
 
 class RawReplyFields:
     """The packed Content Type and User Properties of raw tensor replies, kept per
-    output name, dtype, shape and model version: the same for every reply of a model
-    at a fixed batch size. Bounded; safe to share between threads."""
+    output name, dtype, shape, model version and form: the same for every reply of a
+    model at a fixed batch size. ``in_content_type``: the description goes in Content
+    Type parameters instead of user properties. Bounded; safe to share between threads."""
 
     def __init__(self, limit: int = 256) -> None:
         self.limit = limit
-        self._packed: dict[tuple[str, np.dtype, tuple[int, ...], str], bytes] = {}
+        self._packed: dict[tuple[str, np.dtype, tuple[int, ...], str, bool], bytes] = {}
 
-    def get(self, name: str, dtype: np.dtype, shape: tuple[int, ...], version: str) -> bytes:
-        key = (name, dtype, shape, version)
+    def get(self, name: str, dtype: np.dtype, shape: tuple[int, ...], version: str,
+            in_content_type: bool = False) -> bytes:
+        key = (name, dtype, shape, version, in_content_type)
         fields = self._packed.get(key)
         if fields is None:
             if len(self._packed) >= self.limit:
                 self._packed.clear()
             user = [("output", name), ("dtype", v2_datatype(dtype)), ("shape", ",".join(map(str, shape))),
                     ("model_version", version)]
-            fields = self._packed[key] = pack_fields(RAW_CONTENT_TYPE, user)
+            if in_content_type:
+                fields = pack_fields(with_parameters(RAW_CONTENT_TYPE, user), [])
+            else:
+                fields = pack_fields(RAW_CONTENT_TYPE, user)
+            self._packed[key] = fields
         return fields
 
 

@@ -19,8 +19,8 @@ from edged.dataplane import InferenceRequest
 from edged.errors import EdgedError, InvalidInput
 from edged.model_entry import ModelEntry
 from edged.transports.mqtt_codec import (
-    JSON_CONTENT_TYPE, RAW_CONTENT_TYPE, decode_raw, finish_properties, pack_fields, reply_properties,
-    response_topic_problem, user_properties,
+    JSON_CONTENT_TYPE, RAW_CONTENT_TYPE, decode_raw, finish_properties, pack_fields, raw_parameters,
+    reply_properties, response_topic_problem, user_properties,
 )
 from edged.v2 import decode_request, encode_response
 
@@ -33,6 +33,9 @@ log = logging.getLogger("edged.transports.mqtt")  # the transport's own logger, 
 
 Answer = tuple[bytes, bytes]  # payload, packed Content Type and User Properties (mqtt_codec.pack_fields)
 JSON_FIELDS = pack_fields(JSON_CONTENT_TYPE, [])
+# A request's form, which its reply keeps: V2 JSON, or a raw tensor described by
+# user properties or by its Content Type's parameters.
+JSON_FORM, RAW_IN_USER_PROPERTIES, RAW_IN_CONTENT_TYPE = range(3)
 
 
 @dataclass
@@ -71,13 +74,13 @@ class MqttRequests:
             if reply.problem is not None:
                 raise InvalidInput(f"request refused: {reply.problem}")
             content_type = getattr(props, "ContentType", None) or JSON_CONTENT_TYPE
-            request, raw, entry = self._decode(model, message.payload, content_type, user_properties(props))
+            request, form, entry = self._decode(model, message.payload, content_type, user_properties(props))
             if inline and not self.dataplane.runs_inline(request, self.inline_max_us, entry):
-                self._submit(self._answer, message.topic, reply, lambda: self._infer(request, raw, entry))
+                self._submit(self._answer, message.topic, reply, lambda: self._infer(request, form, entry))
                 return None
             if inline:
                 self._count_inline(1)
-            return self._infer(request, raw, entry)
+            return self._infer(request, form, entry)
 
         self._answer(message.topic, reply, work)
 
@@ -118,13 +121,20 @@ class MqttRequests:
         return body, pack_fields(JSON_CONTENT_TYPE, [("error_code", code)])
 
     def _decode(self, model: str, payload: bytes, content_type: str,
-                user: dict[str, str]) -> tuple[InferenceRequest, bool, ModelEntry]:
-        """The request, whether it is a raw tensor (else V2 JSON), and the model version
-        it goes to (found once, before a large body is decoded: ModelNotFound first)."""
+                user: dict[str, str]) -> tuple[InferenceRequest, int, ModelEntry]:
+        """The request, its form (JSON_FORM, RAW_IN_USER_PROPERTIES or RAW_IN_CONTENT_TYPE)
+        and the model version it goes to (found once, before a large body is decoded:
+        ModelNotFound first). Tensor parameters of the Content Type and user properties
+        may both describe a raw tensor; a user property wins over a parameter of its name."""
+        form = RAW_IN_USER_PROPERTIES if content_type == RAW_CONTENT_TYPE else JSON_FORM
+        params = raw_parameters(content_type) if form == JSON_FORM else None
+        if params is not None:
+            form = RAW_IN_CONTENT_TYPE
+            user = {**params, **user}
         version = user.get("version") or None
         entry = self.dataplane.check_model(model, version)
-        if content_type != RAW_CONTENT_TYPE:
-            return decode_request(model, version, payload, None).request, False, entry
+        if form == JSON_FORM:
+            return decode_request(model, version, payload, None).request, form, entry
         request = decode_raw(model, payload, user)
         if "" in request.inputs:
             specs = entry.model.bundle.manifest.inputs if entry.model is not None else []
@@ -132,12 +142,12 @@ class MqttRequests:
                 names = [spec.name for spec in specs]
                 raise InvalidInput(f"model {model} has inputs {names}: set user property 'input'")
             request.inputs = {specs[0].name: request.inputs[""]}
-        return request, True, entry
+        return request, form, entry
 
-    def _infer(self, request: InferenceRequest, raw: bool, entry: ModelEntry) -> Answer:
+    def _infer(self, request: InferenceRequest, form: int, entry: ModelEntry) -> Answer:
         response = self.dataplane.infer(request, "mqtt", entry)
-        if not raw:
+        if form == JSON_FORM:
             return encode_response(response, set(), False)[0], JSON_FIELDS
         name, array = next(iter(response.outputs.items()))
-        fields = self._raw_fields.get(name, array.dtype, array.shape, response.version)
+        fields = self._raw_fields.get(name, array.dtype, array.shape, response.version, form == RAW_IN_CONTENT_TYPE)
         return np.ascontiguousarray(array).tobytes(), fields

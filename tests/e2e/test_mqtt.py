@@ -158,6 +158,41 @@ def test_without_response_topic_result_topic_is_used(peer, demo_bundles):
     assert json.loads(message.payload)["outputs"][0]["shape"] == [1, 10]
 
 
+@pytest.mark.parametrize("model", DEMO_MODELS)
+def test_raw_request_described_by_content_type_parameters_gets_its_reply_the_same_way(peer, demo_bundles, model):
+    """The same tensor and answer as with user properties, each described in Content
+    Type parameters (MIME syntax): two properties in the reply instead of six."""
+    from email.message import Message
+
+    x, expected = samples(demo_bundles, model)
+    shape = ",".join(map(str, x.shape))
+    message = peer.request(model, x.tobytes(), f'application/x-edged-tensor; dtype=FP32; shape="{shape}"')
+    assert not hasattr(message.properties, "UserProperty")
+    header = Message()
+    header["content-type"] = message.properties.ContentType
+    assert header.get_content_type() == "application/x-edged-tensor"
+    assert header.get_param("output") == "logits" and header.get_param("dtype") == "FP32"
+    assert header.get_param("model_version")
+    logits = np.frombuffer(message.payload, np.float32).reshape([int(d) for d in header.get_param("shape").split(",")])
+    np.testing.assert_array_equal(logits.argmax(1), expected.argmax(1))
+    same = peer.request(model, x.tobytes(), "application/x-edged-tensor", [("dtype", "FP32"), ("shape", shape)])
+    assert same.payload == message.payload
+
+
+def test_content_type_parameters_with_user_properties_and_bad_parameters(peer, demo_bundles):
+    x, expected = samples(demo_bundles, "digits-onnx")
+    # a user property wins over the parameter of its name; unquoted commas are read too
+    message = peer.request("digits-onnx", x[:1].tobytes(), "application/x-edged-tensor; dtype=INT8; shape=1,1,8,8",
+                           [("dtype", "FP32")])
+    assert "output=logits" in message.properties.ContentType and not hasattr(message.properties, "UserProperty")
+    np.testing.assert_array_equal(np.frombuffer(message.payload, np.float32).reshape(1, 10).argmax(1), expected[:1].argmax(1))
+    for content_type, fragment in (("application/x-edged-tensor; dtype", "parameters must read"),
+                                   ("application/x-edged-tensor; dtype=FP32", "'dtype' and 'shape'")):
+        message = peer.request("digits-onnx", x[:1].tobytes(), content_type)
+        assert dict(message.properties.UserProperty)["error_code"] == "invalid_input"
+        assert fragment in json.loads(message.payload)["error"]
+
+
 @pytest.mark.parametrize(
     "model,payload,content_type,user,code,fragment",
     [

@@ -74,3 +74,53 @@ def test_raw_spec_is_remembered_and_bad_specs_refused_every_time():
     for _ in range(2):
         with pytest.raises(InvalidInput, match="negative dimension"):
             raw_spec("FP32", "1,-1")
+
+
+def test_content_type_parameters_parse_tokens_quoted_and_unquoted_commas():
+    from edged.transports.mqtt_codec import content_type_parameters
+
+    assert content_type_parameters('application/x-edged-tensor; dtype=FP32; shape="1,1,8,8"') == (
+        "application/x-edged-tensor", (("dtype", "FP32"), ("shape", "1,1,8,8")))
+    assert content_type_parameters("Application/X-Edged-Tensor;DType=FP32;shape=1,1,8,8;") == (
+        "application/x-edged-tensor", (("dtype", "FP32"), ("shape", "1,1,8,8")))
+    assert content_type_parameters('application/x-edged-tensor; input="a \\"b\\"; c"')[1] == (("input", 'a "b"; c'),)
+
+
+@pytest.mark.parametrize("text", ["application/x-edged-tensor; dtype", "application/x-edged-tensor; dtype=FP 32",
+                                  'application/x-edged-tensor; input="open', "application/x-edged-tensor; =FP32"])
+def test_malformed_content_type_parameters_are_refused_with_a_clear_error(text):
+    from edged.errors import InvalidInput
+    from edged.transports.mqtt_codec import content_type_parameters
+
+    with pytest.raises(InvalidInput, match="parameters must read"):
+        content_type_parameters(text)
+
+
+def test_raw_parameters_only_for_the_raw_tensor_type_with_parameters():
+    from edged.transports.mqtt_codec import raw_parameters
+
+    assert raw_parameters("application/x-edged-tensor") is None  # user properties describe it
+    assert raw_parameters("application/json; charset=utf-8") is None
+    assert raw_parameters("application/x-edged-tensorial; dtype=FP32") is None
+    assert raw_parameters('application/x-edged-tensor; dtype=INT8; shape="2,3"; charset=x; version=4') == {
+        "dtype": "INT8", "shape": "2,3", "version": "4"}
+
+
+def test_raw_reply_fields_in_content_type_parameters_read_back_with_paho_and_email():
+    from email.message import Message
+
+    from edged.transports.mqtt_codec import content_type_parameters
+
+    fields = RawReplyFields()
+    packed = fields.get('out "1"; x', np.dtype("float32"), (1, 10), "1.0.0", in_content_type=True)
+    props = unpack(reply_properties(packed, b"id").pack())
+    assert not hasattr(props, "UserProperty") and props.CorrelationData == b"id"
+    assert props.ContentType == 'application/x-edged-tensor; output="out \\"1\\"; x"; dtype=FP32; shape="1,10"; model_version=1.0.0'
+    expected = {"output": 'out "1"; x', "dtype": "FP32", "shape": "1,10", "model_version": "1.0.0"}
+    assert dict(content_type_parameters(props.ContentType)[1]) == expected
+    header = Message()
+    header["content-type"] = props.ContentType
+    assert header.get_content_type() == "application/x-edged-tensor"
+    assert {key: header.get_param(key) for key in expected} == expected
+    # the user-property form of the same output stays as it was, kept apart
+    assert fields.get('out "1"; x', np.dtype("float32"), (1, 10), "1.0.0") != packed
