@@ -12,7 +12,9 @@
   one socket read instead of a system call each.
 - What a handler publishes on the network thread (its reply) and the PUBACK
   are written in the same pass of paho's loop, without a wake-up byte through
-  paho's socket pair and a second pass to read it.
+  paho's socket pair and a second pass to read it; a QoS 0 reply with nothing
+  queued before it is written to the socket at once (``publish_qos0``), without
+  paho's packet queue.
 
 Anything else (QoS 2, MQTT 3, a property a PUBLISH may not carry, a malformed
 packet) goes to paho's own parser, so paho's errors and behaviour stay. The
@@ -22,6 +24,7 @@ client on another major version.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -163,6 +166,7 @@ class LeanClient(mqtt.Client):
         self._read_buffer = b""  # bytes read from _read_sock that paho has not asked for yet
         self._read_pos = 0
         self._read_sock: Any = None
+        self._handler_thread: int | None = None  # the network thread while it runs on_message
 
     # -- reads: one recv for paho's pieces ---------------------------------------
     def _sock_recv(self, bufsize: int) -> bytes:
@@ -244,11 +248,13 @@ class LeanClient(mqtt.Client):
         # byte too (it appended its packet first), and its packet goes out with them.
         wake, self._sockpairW = self._sockpairW, _NO_WAKE
         rc = mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        self._handler_thread = threading.get_ident()
         try:
             self._handle_on_message(message)
             if qos == 1 and not self._manual_ack:
                 rc = self._send_puback(mid)
         finally:
+            self._handler_thread = None
             if self._sockpairW is _NO_WAKE:  # else paho replaced its sockets meanwhile
                 self._sockpairW = wake
         self._send_queued()
@@ -257,8 +263,11 @@ class LeanClient(mqtt.Client):
     # -- replies -------------------------------------------------------------
     def publish_qos0(self, topic: str, payload: bytes, properties: bytes) -> mqtt.MQTTMessageInfo:
         """A QoS 0 PUBLISH whose properties are already in wire form (their length
-        first), queued as paho's publish() queues it: the same packet, without its
-        conversions and checks for every kind of payload and properties."""
+        first): the same packet paho's publish() writes, without its conversions and
+        checks for every kind of payload and properties. From a message handler on
+        the network thread, with nothing queued before it and no ``on_publish``, it
+        goes to the socket at once (what does not fit is queued, as paho queues it);
+        else it is queued as paho's publish() queues it."""
         topic_bytes = topic.encode()
         if b"+" in topic_bytes or b"#" in topic_bytes or len(topic_bytes) > 65535:
             raise ValueError(f"cannot publish to topic {topic!r} (a wildcard, or over 65535 bytes)")
@@ -270,8 +279,30 @@ class LeanClient(mqtt.Client):
         size = 2 + len(topic_bytes) + len(properties) + len(payload)
         packet = b"".join((PUBLISH_QOS0, _remaining_length(size), len(topic_bytes).to_bytes(2, "big"), topic_bytes,
                            properties, payload))
-        info.rc = self._packet_queue(mqtt.PUBLISH, packet, mid, 0, info)
+        if self._handler_thread == threading.get_ident() and not self._out_packet and self.on_publish is None:
+            self._write_now(packet, mid, info)
+        else:
+            info.rc = self._packet_queue(mqtt.PUBLISH, packet, mid, 0, info)
         return info
+
+    def _write_now(self, packet: bytes, mid: int, info: mqtt.MQTTMessageInfo) -> None:
+        """Write a QoS 0 PUBLISH on the network thread, as paho's _packet_write would
+        write it first in its queue; the rest of a partial write, and a packet the
+        socket refused (paho's loop then handles the error), go to paho's queue."""
+        try:
+            sent = self._sock_send(packet)
+        except BlockingIOError:
+            sent = 0
+        except (OSError, AttributeError, ValueError):
+            self._packet_queue(mqtt.PUBLISH, packet, mid, 0, info)
+            return
+        if sent < len(packet):
+            self._out_packet.append({"command": mqtt.PUBLISH, "mid": mid, "qos": 0, "pos": sent,
+                                     "to_process": len(packet) - sent, "packet": packet, "info": info})
+            return
+        with self._msgtime_mutex:
+            self._last_msg_out = mqtt.time_func()
+        info._set_as_published()
 
     def _send_queued(self) -> None:
         """Write what the handler queued (its reply) now, on this network thread, rather
@@ -284,7 +315,7 @@ class LeanClient(mqtt.Client):
 def client_class() -> type[mqtt.Client]:
     """LeanClient on the paho 2 it was written and tested against, else paho's own client."""
     internals = ("_handle_publish", "_handle_on_message", "_sock_recv", "_send_puback", "_packet_queue",
-                 "_mid_generate")
+                 "_mid_generate", "_sock_send")
     if paho.mqtt.__version__.startswith("2.") and all(hasattr(mqtt.Client, name) for name in internals):
         return LeanClient
     return mqtt.Client

@@ -306,3 +306,53 @@ def test_remaining_length_is_paho_s_variable_byte_integer():
         assert _remaining_length(size) == bytes(VariableByteIntegers.encode(size))
     with pytest.raises(ValueError):
         _remaining_length(268_435_456)
+
+
+@pytest.mark.parametrize("size", [40, 2_500_000])  # whole at once; over the socket's buffer: the rest queued
+def test_a_handler_s_qos0_reply_goes_out_at_once_as_paho_writes_it(linked, size):
+    from edged.transports.mqtt_codec import finish_properties, pack_fields, reply_properties
+
+    client, broker = linked
+    fields = pack_fields("application/x-edged-tensor; dtype=FP32", [])
+    payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    infos = []
+
+    def on_message(c, userdata, message):
+        infos.append(c.publish_qos0("replies/a", payload, finish_properties(fields, b"\x01corr")))
+        infos.append(c.want_write())  # small: nothing left in paho's queue
+
+    client.on_message = on_message
+    client.socket().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)  # 2.5 MB cannot go at once
+    broker.conn.sendall(publish_packet("t/x", b"", props=props_of(ContentType="c")))
+    loop_until(client, lambda: len(infos) == 2)
+    assert infos[1] is (size > 40)
+    broker.conn.settimeout(30)
+    sent = []
+    receiver = threading.Thread(target=lambda: sent.extend(broker.read_packet() for _ in range(2)))
+    receiver.start()
+    client.publish("replies/a", payload, qos=0, properties=reply_properties(fields, b"\x01corr"))
+    loop_until(client, lambda: not client.want_write())
+    receiver.join(30)
+    assert infos[0].rc == mqtt.MQTT_ERR_SUCCESS and len(sent) == 2 and sent[0] == sent[1]
+    loop_until(client, lambda: infos[0].is_published())
+
+
+@pytest.mark.parametrize("report", [False, True])
+def test_a_handler_s_qos0_reply_keeps_its_place_behind_queued_packets(linked, report):
+    client, broker = linked
+    published = []
+    if report:
+        client.on_publish = lambda c, u, mid, reason, props: published.append(mid)
+
+    def on_message(c, userdata, message):
+        c.publish("replies/first", b"1", qos=0)  # queued by paho (a callback holds its mutex)
+        published.append(c.publish_qos0("replies/second", b"2", b"\x00").mid)
+
+    client.on_message = on_message
+    broker.conn.sendall(publish_packet("t/x", b"", props=props_of(ContentType="c")))
+    client.loop(timeout=5.0)
+    broker.conn.settimeout(5)
+    packets = [broker.read_packet() for _ in range(2)]
+    assert [p[3:3 + int.from_bytes(p[1:3], "big")] for p in packets] == [b"replies/first", b"replies/second"]
+    if report:
+        loop_until(client, lambda: len(published) == 3)  # on_publish reported both, as paho does
