@@ -30,6 +30,7 @@ from typing import Any
 
 import paho.mqtt
 import paho.mqtt.client as mqtt
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -185,8 +186,62 @@ class LeanClient(mqtt.Client):
         return self._read_buffer[pos:pos + bufsize]  # maybe short: paho reads on
 
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
-        """paho's loop_read, repeated while read bytes wait in the buffer: the socket
-        no longer shows them to select()."""
+        """One socket read; each whole MQTT v5 PUBLISH at QoS 0 or 1 in it is handled
+        here, the rest (another packet, a partial one) by paho's loop_read, repeated
+        while read bytes wait in the buffer: the socket no longer shows them to select()."""
+        sock = self._sock
+        if sock is None or self._in_packet["command"] != 0 or self._protocol != mqtt.MQTTv5:
+            return self._paho_loop_read(max_packets)
+        if self._read_sock is not sock:  # a new connection: nothing of the old one
+            self._read_buffer, self._read_pos, self._read_sock = b"", 0, sock
+        if self._read_pos >= len(self._read_buffer):
+            try:
+                data = super()._sock_recv(READ_SIZE)
+            except BlockingIOError:
+                return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+            except OSError as err:  # as paho's _packet_read reports it
+                self._easy_log(mqtt.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+                return self._loop_rc_handle(mqtt.MQTTErrorCode.MQTT_ERR_CONN_LOST)
+            if not data:
+                return self._loop_rc_handle(mqtt.MQTTErrorCode.MQTT_ERR_CONN_LOST)
+            self._read_buffer, self._read_pos = data, 0
+        while self._sock is sock and self._read_pos < len(self._read_buffer):
+            rc = self._whole_publish()
+            if rc is None:  # not a whole QoS 0 or 1 PUBLISH: paho reads it
+                return self._paho_loop_read(max_packets)
+            if rc:
+                return self._loop_rc_handle(rc)
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _whole_publish(self) -> mqtt.MQTTErrorCode | None:
+        """Handle the PUBLISH at the read position as paho's _packet_read would, if it is
+        whole in the buffer and at QoS 0 or 1; None (nothing consumed) otherwise."""
+        data, pos = self._read_buffer, self._read_pos
+        header = data[pos]
+        if header & 0xF0 != mqtt.PUBLISH or header & 0x06 > 0x02:
+            return None
+        try:
+            length, start = _varint(data, pos + 1)
+        except (IndexError, ValueError):  # cut short, or paho's protocol error to report
+            return None
+        end = start + length
+        if end > len(data):
+            return None
+        self._read_pos = end
+        self._in_packet["command"] = header
+        self._in_packet["packet"] = data[start:end]
+        try:
+            rc = self._handle_publish()
+        except MalformedPacket as exc:
+            self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
+            rc = mqtt.MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._in_packet = {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
+                           "remaining_length": 0, "packet": bytearray(b""), "to_process": 0, "pos": 0}
+        with self._msgtime_mutex:
+            self._last_bytes_received = mqtt.time_func()
+        return rc
+
+    def _paho_loop_read(self, max_packets: int) -> mqtt.MQTTErrorCode:
         rc = super().loop_read(max_packets)
         while (rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None
                and self._read_sock is self._sock and self._read_pos < len(self._read_buffer)):
@@ -221,7 +276,9 @@ class LeanClient(mqtt.Client):
         qos = (header & 0x06) >> 1
         if self._protocol != mqtt.MQTTv5 or qos > 1:
             return super()._handle_publish()
-        data = bytes(self._in_packet["packet"])
+        data = self._in_packet["packet"]
+        if not isinstance(data, bytes):
+            data = bytes(data)
         try:
             size = int.from_bytes(data[0:2], "big")
             topic = data[2:2 + size]

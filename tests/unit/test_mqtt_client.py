@@ -273,6 +273,24 @@ def test_packets_read_together_or_split_are_all_delivered_whole(linked):
     assert got == [("t/1", b"\x01"), ("t/split", b"s" * 100), ("t/big", big)]
 
 
+def test_publishes_read_whole_beside_other_packets_and_lengths_cut_short(linked):
+    """A PUBLISH whole in the read buffer is handled by LeanClient; another packet
+    (here a PINGRESP, and a QoS 2 PUBLISH) and a PUBLISH whose length is cut short go
+    to paho's reader, in the order they came."""
+    client, broker = linked
+    got: list[str] = []
+    client.on_message = lambda c, u, m: got.append(m.topic)
+    long_one = publish_packet("t/long", b"L" * 300, props=props_of(ContentType="c"))  # a two-byte length
+    qos2 = publish_packet("t/q2", b"2", qos=2, mid=5, props=props_of(ContentType="c"))
+    broker.conn.sendall(publish_packet("t/a", b"a") + b"\xd0\x00" + qos2 + publish_packet("t/b", b"b") + long_one[:2])
+    client.loop(timeout=5.0)
+    broker.conn.settimeout(5)
+    assert broker.read_packet()[:1] == b"\x50"  # paho's PUBREC for the QoS 2 message
+    broker.conn.sendall(long_one[2:] + b"\x62\x02\x00\x05")  # the rest, then PUBREL for mid 5
+    loop_until(client, lambda: len(got) == 4)
+    assert got == ["t/a", "t/b", "t/long", "t/q2"] and client.is_connected()
+
+
 def test_the_daemon_uses_the_lean_client_on_paho_2():
     from edged.transports.mqtt_client import client_class
 
