@@ -7,8 +7,10 @@ Both sides use one synchronous requester doing its I/O in the caller's thread,
 as tritonclient's HTTP client does: stock paho through its external-loop API
 (loop_read, loop_write and loop_misc around the caller's own select), so
 publish() writes straight to the socket and the caller reads until the reply is
-there. A row with paho's usual loop thread (loop_start) shows what its two
-thread hops per round trip cost on the client."""
+there. Its requests describe the tensor in Content Type parameters, so replies
+carry two properties; a row keeps the user-property form (six in each reply).
+A row with paho's usual loop thread (loop_start) shows what its two thread hops
+per round trip cost on the client."""
 
 from __future__ import annotations
 

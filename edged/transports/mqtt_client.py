@@ -8,8 +8,10 @@
 - ``on_message`` is called without paho's topic matcher while no per-filter
   callback exists: the matcher's recursive closure was a reference cycle per
   message, left to the garbage collector (a collection every ~120 requests).
-- paho's pieces of a packet (type, each length byte, the rest) are served from
-  one socket read instead of a system call each.
+- One socket read per pass of the loop: each MQTT v5 QoS 0 or 1 PUBLISH whole
+  in it is handled here, without paho's packet reader; paho's pieces of any
+  other packet (type, each length byte, the rest) are served from that read
+  instead of a system call each.
 - What a handler publishes on the network thread (its reply) and the PUBACK
   are written in the same pass of paho's loop, without a wake-up byte through
   paho's socket pair and a second pass to read it; a QoS 0 reply with nothing
