@@ -13,17 +13,23 @@ its own and the rows fit in ``max_batch_size``; a request larger than
 ``max_batch_size`` runs alone. Each request is validated before it joins, so a bad one
 fails alone; a batch the runtime fails is run again request by request, so one request
 that breaks the runtime fails alone too.
+
+Callers on an event loop use :meth:`Batcher.submit_async`: a small request for a model
+whose batches run quickly forms its batch on the loop itself and runs there
+(``edged.batching_loop``), with no thread hop at all; the rules above are the same.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
@@ -37,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+OUTLIER_FACTOR = 2.0  # as edged.dataplane's: a run counts at most this many times the typical one
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
 
@@ -72,13 +79,44 @@ class _Member:
     inputs: dict[str, np.ndarray]
     rows: int
     arrived: float
-    future: Future = field(default_factory=Future)
+    future: "Future | _Reply" = field(default_factory=Future)
+
+
+class _Reply:
+    """A loop member's future: its outcome goes to a callback at once, on the loop."""
+
+    __slots__ = ("callback", "_done")
+
+    def __init__(self, callback: Callable[[BatchedResult | EdgedError], None]) -> None:
+        self.callback = callback
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, outcome: BatchedResult | EdgedError) -> None:
+        self._done = True
+        try:
+            self.callback(outcome)
+        except Exception:  # one caller's fault must not keep the rest of its batch waiting
+            log.exception("a batched request's reply failed")
+
+    set_exception = set_result
+
+
+def _settle(future: asyncio.Future, outcome: BatchedResult | EdgedError) -> None:
+    if future.done():  # its waiter was cancelled
+        return
+    if isinstance(outcome, EdgedError):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 @dataclass
 class _Batch:
     key: tuple
-    ready: threading.Condition  # notified when the batch may go before its deadline
+    ready: threading.Condition | None  # notified when the batch may go before its deadline (thread path)
     members: list[_Member] = field(default_factory=list)
     rows: int = 0
     cut: int = 0  # leading members whose rows sum to the largest preferred size reached
@@ -139,6 +177,8 @@ class Batcher:
         self._open: list[_Batch] = []
         self._waiting = 0  # requests in batches that have not started running
         self._closed = False  # replaced by a reload or unloaded: new requests go elsewhere
+        self._typical_run_s: float | None = None  # moving average of a loop batch's runtime call
+        self._loops: dict = {}  # event loop -> its LoopBatches (edged.batching_loop)
         # Its threads end when the batcher is dropped (ThreadPoolExecutor's weak reference).
         self._workers = ThreadPoolExecutor(max_workers=entry.max_concurrency,
                                            thread_name_prefix=f"edged-batch-{entry.name}")
@@ -151,6 +191,55 @@ class Batcher:
         """Validate ``inputs`` (InvalidInput now, for this request alone) and queue them;
         the future gets a BatchedResult or an EdgedError. Never blocks: an event loop
         may call it (``asyncio.wrap_future``) and await one thread hop per batch."""
+        return self._submit_admitted(inputs, *self.admit(inputs))
+
+    def submit_async(self, inputs: dict[str, np.ndarray], inline_max_us: float) -> Awaitable[BatchedResult]:
+        """:meth:`submit` for a caller on a running event loop: batched on this loop when
+        :meth:`join_on_loop` takes the request, else by the worker threads (one hop back
+        per request)."""
+        future = asyncio.get_running_loop().create_future()
+        rows, key = self.admit(inputs)
+        if self._join_loop(inputs, rows, key, inline_max_us, partial(_settle, future)):
+            return future
+        return asyncio.wrap_future(self._submit_admitted(inputs, rows, key))
+
+    def join_on_loop(self, inputs: dict[str, np.ndarray], inline_max_us: float,
+                     reply: Callable[[BatchedResult | EdgedError], None]) -> bool:
+        """For a caller on a running event loop: validate ``inputs`` (InvalidInput now) and,
+        when they are small, of at most max_batch_size rows and for a model whose batches
+        typically run within ``inline_max_us``, put them in a batch forming on this loop
+        (``edged.batching_loop``); ``reply`` gets the outcome on the loop, called at most
+        once. False: not taken (use :meth:`submit`)."""
+        rows, key = self.admit(inputs)
+        return self._join_loop(inputs, rows, key, inline_max_us, reply)
+
+    def _join_loop(self, inputs: dict[str, np.ndarray], rows: int, key: tuple, inline_max_us: float,
+                   reply: Callable[[BatchedResult | EdgedError], None]) -> bool:
+        if not fits_loop(self, inputs, rows, inline_max_us):
+            return False
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._count_waiting(1)
+        if closed:
+            return self.successor()._join_loop(inputs, rows, key, inline_max_us, reply)
+        loop = asyncio.get_running_loop()
+        batches = self._loops.get(loop)
+        if batches is None:
+            batches = self._loops[loop] = LoopBatches(self, loop)
+        batches.join(_Member(inputs=inputs, rows=rows, arrived=time.perf_counter(), future=_Reply(reply)),
+                     key, inline_max_us)
+        return True
+
+    def _submit_admitted(self, inputs: dict[str, np.ndarray], rows: int, key: tuple) -> Future:
+        member = _Member(inputs=inputs, rows=rows, arrived=time.perf_counter())
+        if self._enqueue(member, key):
+            return member.future
+        return self.successor().submit(inputs)
+
+    def admit(self, inputs: dict[str, np.ndarray]) -> tuple[int, tuple]:
+        """The request's rows and batch key once its inputs are valid for the model;
+        InvalidInput (counted as the unbatched path counts it) or ModelNotReady."""
         model = self.entry.current_model()
         try:
             model.validate(inputs)
@@ -158,13 +247,23 @@ class Batcher:
         except InvalidInput:
             self.entry.count(ok=True)  # as the unbatched path counts it: not the model's fault
             raise
-        member = _Member(inputs=inputs, rows=rows, arrived=time.perf_counter())
-        if self._enqueue(member, batch_key(inputs)):
-            return member.future
-        successor = self.entry.batcher  # a reload replaced this batcher after the caller looked it up
+        return rows, batch_key(inputs)
+
+    def successor(self) -> "Batcher":
+        """The batcher that replaced this closed one (a reload after the caller looked it
+        up); ModelNotReady when there is none (unloaded)."""
+        successor = self.entry.batcher
         if successor is None or successor is self:
             raise ModelNotReady(f"model {self.entry.name} version {self.entry.version} is not ready: unloaded")
-        return successor.submit(inputs)
+        return successor
+
+    def _count_waiting(self, requests: int) -> None:
+        """Requests start (+) or stop (-) waiting to be batched; Overloaded past max_queue.
+        Called with ``self._lock`` held."""
+        if requests > 0 and self._waiting >= self.entry.max_queue:
+            raise Overloaded(f"model {self.entry.name} version {self.entry.version} has "
+                             f"{self._waiting} requests waiting to be batched (max_queue)")
+        self._waiting += requests
 
     def _enqueue(self, member: _Member, key: tuple) -> bool:
         """Put ``member`` in a forming batch (or start one); False once closed."""
@@ -174,10 +273,7 @@ class Batcher:
             if member.rows == 0 or member.rows > self.max_rows:  # runs alone, not merged and not refused
                 self._workers.submit(self._run_alone, member)
                 return True
-            if self._waiting >= self.entry.max_queue:
-                raise Overloaded(f"model {self.entry.name} version {self.entry.version} has "
-                                 f"{self._waiting} requests waiting to be batched (max_queue)")
-            self._waiting += 1
+            self._count_waiting(1)
             batch = next((b for b in self._open if b.key == key and b.rows + member.rows <= self.max_rows), None)
             if batch is None:
                 batch = _Batch(key=key, ready=threading.Condition(self._lock))
@@ -238,24 +334,54 @@ class Batcher:
             return members
 
     def _run(self, model: "LoadedModel", members: list[_Member]) -> None:
-        """Run ``members`` as one call; when that fails and there were several, each alone."""
+        """Run ``members`` as one call (see :meth:`outcomes`) and set their futures."""
+        deliver(members, self.outcomes(model, members))
+
+    def outcomes(self, model: "LoadedModel", members: list[_Member]) -> list[BatchedResult | EdgedError]:
+        """Run ``members`` as one call; when that fails and there were several, each
+        alone. Each member's result or error, counted and observed; the batch's run
+        goes into :attr:`typical_run_s`."""
         started = time.perf_counter()
+        cpu_started = time.thread_time()
         rows = [m.rows for m in members]
         try:
             outputs = split(model.infer(merge([m.inputs for m in members])), rows)
         except Exception as exc:
             if len(members) > 1:
-                for member in members:
-                    self._run(model, [member])
-                return
-            self._deliver_error(members, self._as_edged(exc), ran=True)
-            return
+                return [self.outcomes(model, [member])[0] for member in members]
+            error = self._as_edged(exc)
+            self.entry.count(ok=not isinstance(error, InferenceFailed))  # a bad request is not the model's fault
+            return [error]
         run_s = time.perf_counter() - started
-        self._observe(sum(rows), len(members))
+        self._note_run(time.thread_time() - cpu_started)
+        total = sum(rows)
+        self._observe(total, len(members))
+        results: list[BatchedResult | EdgedError] = []
         for member, part in zip(members, outputs):
             self.entry.count(ok=True)
-            member.future.set_result(BatchedResult(outputs=part, queued_s=started - member.arrived, run_s=run_s,
-                                                   batch_rows=sum(rows)))
+            results.append(BatchedResult(outputs=part, queued_s=started - member.arrived, run_s=run_s,
+                                         batch_rows=total))
+        return results
+
+    @property
+    def typical_run_s(self) -> float | None:
+        """How long a batch typically holds the thread that runs it: the moving average
+        of the runs' CPU time in that thread (a run the OS paused, or one that waited for
+        the GIL in a worker, does not count its wait), at first the model's warm-up run;
+        None when unknown."""
+        typical = self._typical_run_s
+        if typical is None:
+            model = self.entry.model
+            typical = None if model is None else model.warm_latency_s
+        return typical
+
+    def _note_run(self, seconds: float) -> None:
+        """As the data plane's inline average: one odd run lifts it by 10 % at most."""
+        typical = self.typical_run_s
+        if typical is None or typical <= 0:
+            self._typical_run_s = seconds
+        else:
+            self._typical_run_s = 0.9 * typical + 0.1 * min(seconds, OUTLIER_FACTOR * typical)
 
     def _run_alone(self, member: _Member) -> None:
         try:
@@ -280,12 +406,28 @@ class Batcher:
                                "the daemon's log has the details")
 
     def _deliver_error(self, members: list[_Member], exc: EdgedError, ran: bool) -> None:
-        for member in members:
-            if ran:  # counted as the unbatched path counts it: a bad request is not the model's fault
+        if ran:  # counted as the unbatched path counts it: a bad request is not the model's fault
+            for _ in members:
                 self.entry.count(ok=not isinstance(exc, InferenceFailed))
-            member.future.set_exception(copy.copy(exc))  # each request raises its own instance
+        deliver(members, [exc] * len(members))
 
     def _observe(self, rows: int, requests: int) -> None:
         if self.metrics is not None:
             self.metrics.rows.labels(self.entry.name, self.entry.version).observe(rows)
             self.metrics.requests.labels(self.entry.name, self.entry.version).observe(requests)
+
+
+def deliver(members: list[_Member], outcomes: list[BatchedResult | EdgedError]) -> None:
+    """Each member's future gets its outcome; an error as its own instance. A future
+    already done (its waiter cancelled) is left alone."""
+    for member, outcome in zip(members, outcomes):
+        future = member.future
+        if future.done():
+            continue
+        if isinstance(outcome, EdgedError):
+            future.set_exception(copy.copy(outcome))  # each request raises its own instance
+        else:
+            future.set_result(outcome)
+
+
+from edged.batching_loop import LoopBatches, fits_loop  # noqa: E402  (it builds on the classes above)

@@ -255,16 +255,68 @@ class DataPlane:
             except Exception:  # a listener must never fail the request
                 log.exception("result listener failed")
 
-    async def infer_batched(self, request: InferenceRequest, transport: str, entry: ModelEntry) -> InferenceResponse:
+    def infer_on_loop(self, request: InferenceRequest, transport: str, entry: ModelEntry, inline_max_us: float,
+                      reply: Callable[[InferenceResponse | EdgedError], None]) -> bool:
+        """:meth:`infer` on an event loop for a small request to a cheap batched model: it
+        joins a batch that runs on this loop (``Batcher.join_on_loop``), and ``reply`` gets
+        the response or EdgedError there. False: not taken (:meth:`infer_batched` then);
+        EdgedError for a request refused before it joined."""
+        batcher = entry.batcher
+        if batcher is None or inline_max_us <= 0:
+            return False
+        series = self._series(entry, transport)
+
+        def done(outcome: Any) -> None:
+            series.depth(-1)
+            if isinstance(outcome, ModelNotReady) and not request.version:  # a hot swap unloaded this version
+                task = asyncio.ensure_future(self.infer_batched(request, transport, entry, inline_max_us, counted=True))
+                task.add_done_callback(lambda t: reply(t.exception() or t.result()))
+                return
+            try:
+                if isinstance(outcome, EdgedError):
+                    raise outcome
+                series.queue_time(outcome.queued_s)
+                series.latency(outcome.run_s)
+                response = self._respond(entry, request, outcome.outputs)
+            except EdgedError as exc:
+                self.metrics.failures.labels(entry.name, entry.version, transport, exc.code).inc()
+                reply(exc)
+                return
+            if self.result_listeners:
+                self._notify(request, response, transport)
+            reply(response)
+
+        series.depth(1)
+        try:
+            taken = batcher.join_on_loop(request.inputs, inline_max_us, done)
+        except EdgedError as exc:
+            series.requests(1)
+            series.depth(-1)
+            self.metrics.failures.labels(entry.name, entry.version, transport, exc.code).inc()
+            raise
+        if taken:
+            series.requests(1)
+        else:
+            series.depth(-1)
+        return taken
+
+    async def infer_batched(self, request: InferenceRequest, transport: str, entry: ModelEntry,
+                            inline_max_us: float = 0.0, counted: bool = False) -> InferenceResponse:
         """:meth:`infer` on an event loop for a model version with a dynamic batcher
-        (``entry.batcher``): the request awaits its batch's future, so the loop pays one
-        thread hop per batch instead of one per request."""
-        self._series(entry, transport).requests(1)
+        (``entry.batcher``): a small request to a cheap model is batched and run on this
+        loop when ``inline_max_us`` allows (``Batcher.submit_async``); any other awaits its
+        batch's future from the worker threads, one thread hop per request. ``counted``:
+        the request was counted already (:meth:`infer_on_loop` hands it on)."""
+        if not counted:
+            self._series(entry, transport).requests(1)
         for attempt in range(2):
             series = self._series(entry, transport)
             series.depth(1)
             try:
-                done = await asyncio.wrap_future(entry.batcher.submit(request.inputs))
+                batcher = entry.batcher
+                if batcher is None:  # a reload swapped in an unbatched model after the lookup
+                    return await asyncio.to_thread(self._infer_unbatched, request, transport, entry)
+                done = await batcher.submit_async(request.inputs, inline_max_us)
                 series.queue_time(done.queued_s)
                 series.latency(done.run_s)
                 response = self._respond(entry, request, done.outputs)
@@ -283,7 +335,8 @@ class DataPlane:
                 raise
             finally:
                 series.depth(-1)
-        self._notify(request, response, transport)
+        if self.result_listeners:
+            self._notify(request, response, transport)
         return response
 
     def _infer_unbatched(self, request: InferenceRequest, transport: str, entry: ModelEntry) -> InferenceResponse:

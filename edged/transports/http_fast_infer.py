@@ -5,7 +5,8 @@ the steps of ``HttpTransport.infer`` for a request read from the connection
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Awaitable
+import asyncio
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from edged.auth import Access, check_access
 from edged.dataplane import InferenceResponse
@@ -16,10 +17,22 @@ from edged.transports.http_fast import Head, HeadCache, LeanRequest, answer_byte
 from edged.v2 import DecodedRequest, decode_request, response_bytes
 from edged.v2_binary import BinaryLayouts, BinaryResponses
 
+RUN_MARGIN_S = 1.0  # what a LoopAnswer's wait allows for its batch's run (a cheap one, by the loop rule)
+
 if TYPE_CHECKING:
     from edged.http_limits import Hold
     from edged.model_entry import ModelEntry
     from edged.transports.http import HttpTransport
+
+
+class LoopAnswer(asyncio.Future):
+    """The answer (bytes) of a request batched on the loop, set on the loop when its
+    batch has run. A connection that can write it at once sets ``deliver``, which then
+    gets the bytes instead of this future (no loop step, no task). ``wait_s`` bounds how
+    long it takes: the batch's max_queue_delay_us plus a margin for its run."""
+
+    deliver: Callable[[bytes], None] | None = None
+    wait_s: float = 0.0
 
 
 class LeanInfer:
@@ -123,7 +136,9 @@ class LeanInfer:
         try:
             http._lean_inc(1)
             if not dataplane.runs_inline(decoded.request, http.inline_max_us, entry):
-                later = self._later(hold, entry, decoded, None)
+                later = self._batched(hold, entry, decoded) if entry.batcher is not None else None
+                if later is None:
+                    later = self._later(hold, entry, decoded, None)
                 return later
             http._inline_inc(1)
             response = dataplane.infer(decoded.request, "http", entry)
@@ -140,6 +155,46 @@ class LeanInfer:
         finally:
             if later is None and hold.release():
                 http._trim_soon()
+
+    def _batched(self, hold: Hold, entry: ModelEntry, decoded: DecodedRequest) -> LoopAnswer | None:
+        """A small request to a cheap batched model, batched and run on the loop
+        (``DataPlane.infer_on_loop``): a future of its answer, set when its batch has
+        run; ``hold`` is released then. None when it is not for the loop."""
+        batcher = entry.batcher
+        if batcher is None:  # a reload after the caller looked
+            return None
+        answer = LoopAnswer()
+        answer.wait_s = batcher.delay_s + RUN_MARGIN_S
+
+        def reply(outcome: InferenceResponse | EdgedError) -> None:
+            if isinstance(outcome, InferenceResponse):
+                size = 0
+                for array in outcome.outputs.values():
+                    size += array.nbytes
+                hold.take(size * 4)
+                if size > OFFLOAD_BYTES:  # encoded off the loop by _later, which releases ``hold``
+                    later = asyncio.ensure_future(self._later(hold, entry, decoded, outcome))
+                    later.add_done_callback(lambda task: settle(task.result()))
+                    return
+                try:
+                    payload = answer_bytes(*self.responses.encode(outcome, decoded.binary_outputs, decoded.all_binary))
+                except Exception as exc:
+                    payload = error_bytes(exc)
+            else:
+                payload = error_bytes(outcome)
+            if hold.release():
+                self.http._trim_soon()
+            settle(payload)
+
+        def settle(payload: bytes) -> None:
+            if answer.deliver is not None:
+                answer.deliver(payload)
+            elif not answer.done():  # done: cancelled with its connection
+                answer.set_result(payload)
+
+        if self.http.dataplane.infer_on_loop(decoded.request, "http", entry, self.http.inline_max_us, reply):
+            return answer
+        return None
 
     def body_here(self, head: Head, body: bytearray, entry: ModelEntry, hold: Hold) -> Awaitable[bytes]:
         """The answer to an admitted request whose big body has been read (``admit``)."""
@@ -177,8 +232,8 @@ class LeanInfer:
         dataplane = http.dataplane
         try:
             if response is None:
-                if entry.batcher is not None:  # one thread hop per batch, not per request
-                    response = await dataplane.infer_batched(decoded.request, "http", entry)
+                if entry.batcher is not None:  # batched on the loop when small and cheap (inline_max_us)
+                    response = await dataplane.infer_batched(decoded.request, "http", entry, http.inline_max_us)
                 else:
                     response = await http._offload(dataplane.infer, decoded.request, "http", entry)
                 size = response_bytes(response)
