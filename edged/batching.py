@@ -178,7 +178,10 @@ class Batcher:
         self._waiting = 0  # requests in batches that have not started running
         self._closed = False  # replaced by a reload or unloaded: new requests go elsewhere
         self._typical_run_s: float | None = None  # moving average of a loop batch's runtime call
-        self._loops: dict = {}  # event loop -> its LoopBatches (edged.batching_loop)
+        from edged.batching_loop import LoopBatches, fits_loop  # built on this module's classes
+
+        self._loops: dict = {}  # event loop -> its LoopBatches
+        self._loop_batches, self._fits_loop = LoopBatches, fits_loop
         # Its threads end when the batcher is dropped (ThreadPoolExecutor's weak reference).
         self._workers = ThreadPoolExecutor(max_workers=entry.max_concurrency,
                                            thread_name_prefix=f"edged-batch-{entry.name}")
@@ -215,7 +218,7 @@ class Batcher:
 
     def _join_loop(self, inputs: dict[str, np.ndarray], rows: int, key: tuple, inline_max_us: float,
                    reply: Callable[[BatchedResult | EdgedError], None]) -> bool:
-        if not fits_loop(self, inputs, rows, inline_max_us):
+        if not self._fits_loop(self, inputs, rows, inline_max_us):
             return False
         with self._lock:
             closed = self._closed
@@ -226,7 +229,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         batches = self._loops.get(loop)
         if batches is None:
-            batches = self._loops[loop] = LoopBatches(self, loop)
+            batches = self._loops[loop] = self._loop_batches(self, loop)
         batches.join(_Member(inputs=inputs, rows=rows, arrived=time.perf_counter(), future=_Reply(reply)),
                      key, inline_max_us)
         return True
@@ -428,6 +431,3 @@ def deliver(members: list[_Member], outcomes: list[BatchedResult | EdgedError]) 
             future.set_exception(copy.copy(outcome))  # each request raises its own instance
         else:
             future.set_result(outcome)
-
-
-from edged.batching_loop import LoopBatches, fits_loop  # noqa: E402  (it builds on the classes above)
