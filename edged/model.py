@@ -66,6 +66,7 @@ class LoadedModel:
         self._batch_one = bool(self.inputs) and all(s.shape[:1] == (1,) for s in self.inputs.values())
         self._accepted = {n: frozenset(np.dtype(d) for d in s.accepted_dtypes()) for n, s in self.inputs.items()}
         self._quantized = any(s.quantization for s in self.inputs.values())
+        self._native = {n: np.dtype(s.dtype) for n, s in self.inputs.items()}  # compared per request: dtype objects
         # Float in, float out: nothing to quantize or dequantize on the way.
         self._plain = not self._quantized and not any(s.quantization for s in self.outputs.values())
         # Per input: the dtypes it takes and the shapes known to pass validate() and run in
@@ -224,8 +225,8 @@ class LoadedModel:
         dequantize = False
         for name, array in inputs.items():
             spec = self.inputs[name]
-            if spec.quantization is not None and array.dtype.name != spec.dtype:
-                native[name] = spec.quantization.quantize(array, np.dtype(spec.dtype))
+            if spec.quantization is not None and array.dtype != self._native[name]:
+                native[name] = spec.quantization.quantize(array, self._native[name])
                 dequantize = True
             else:
                 native[name] = array
