@@ -92,12 +92,16 @@ class MqttWorker:
         self.topic = topic
         self.qos = qos
         user = [("version", version)] if version else []
-        if len(arrays) == 1:  # one tensor: raw bytes, dtype and shape in user properties
+        if len(arrays) == 1:  # one tensor: raw bytes, described in the Content Type's parameters
             name, array = next(iter(arrays.items()))
             self.payload = np.ascontiguousarray(array).tobytes()
-            self.content_type = RAW_CONTENT_TYPE
             named = [("input", name)] if name else []  # "": the daemon takes the model's one input
-            self.user = [*named, ("dtype", v2_datatype(array.dtype)), ("shape", ",".join(map(str, array.shape))), *user]
+            # The reply comes described the same way: two properties for paho to parse, not six.
+            from edged.transports.mqtt_codec import with_parameters
+
+            self.content_type = with_parameters(RAW_CONTENT_TYPE, [
+                *named, ("dtype", v2_datatype(array.dtype)), ("shape", ",".join(map(str, array.shape))), *user])
+            self.user = []
         else:
             self.payload, _ = encode_request(arrays, "http-json")  # a KServe V2 JSON body
             self.content_type = JSON_CONTENT_TYPE
