@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from edged.config import ModelSettings
 from edged.errors import EdgedError, InferenceFailed, InvalidInput, ModelNotReady, Overloaded
+from edged.metrics import fast_observe
 
 if TYPE_CHECKING:
     from edged.model import LoadedModel
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+VALID_KEYS = 64  # batch keys remembered as valid, per batcher
 OUTLIER_FACTOR = 2.0  # as edged.dataplane's: a run counts at most this many times the typical one
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
@@ -64,7 +66,7 @@ class BatchMetrics:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class BatchedResult:
     """One request's share of a batch, with what the per-request metrics need."""
 
@@ -74,7 +76,7 @@ class BatchedResult:
     batch_rows: int  # rows in the batch it ran in
 
 
-@dataclass
+@dataclass(slots=True)
 class _Member:
     inputs: dict[str, np.ndarray]
     rows: int
@@ -130,6 +132,9 @@ class _Batch:
 
 def batch_key(inputs: dict[str, np.ndarray]) -> tuple:
     """What must be equal for requests to merge: names, dtypes, non-batch dimensions."""
+    if len(inputs) == 1:  # the common case, without sorting
+        for name, array in inputs.items():
+            return ((name, array.dtype.str, array.shape[1:]),)
     return tuple((name, array.dtype.str, array.shape[1:]) for name, array in sorted(inputs.items()))
 
 
@@ -181,6 +186,11 @@ class Batcher:
         from edged.batching_loop import LoopBatches, fits_loop  # built on this module's classes
 
         self._loops: dict = {}  # event loop -> its LoopBatches
+        self._valid_keys: dict[tuple, "LoadedModel"] = {}  # batch key -> the model it passed validation for
+        self._observe_rows = self._observe_requests = None
+        if metrics is not None:  # resolved once: labels() locks and builds a tuple per call
+            self._observe_rows = fast_observe(metrics.rows.labels(entry.name, entry.version))
+            self._observe_requests = fast_observe(metrics.requests.labels(entry.name, entry.version))
         self._loop_batches, self._fits_loop = LoopBatches, fits_loop
         # Its threads end when the batcher is dropped (ThreadPoolExecutor's weak reference).
         self._workers = ThreadPoolExecutor(max_workers=entry.max_concurrency,
@@ -245,12 +255,18 @@ class Batcher:
         InvalidInput (counted as the unbatched path counts it) or ModelNotReady."""
         model = self.entry.current_model()
         try:
-            model.validate(inputs)
+            key = batch_key(inputs)
+            if self._valid_keys.get(key) is not model:
+                # A batched model's batch dim is dynamic: names, dtypes and the other dims
+                # (the key) decide whether inputs are valid, so a key passes once per model.
+                model.validate(inputs)
+                if len(self._valid_keys) < VALID_KEYS:
+                    self._valid_keys[key] = model
             rows = batch_rows(inputs)
         except InvalidInput:
             self.entry.count(ok=True)  # as the unbatched path counts it: not the model's fault
             raise
-        return rows, batch_key(inputs)
+        return rows, key
 
     def successor(self) -> "Batcher":
         """The batcher that replaced this closed one (a reload after the caller looked it
@@ -415,9 +431,9 @@ class Batcher:
         deliver(members, [exc] * len(members))
 
     def _observe(self, rows: int, requests: int) -> None:
-        if self.metrics is not None:
-            self.metrics.rows.labels(self.entry.name, self.entry.version).observe(rows)
-            self.metrics.requests.labels(self.entry.name, self.entry.version).observe(requests)
+        if self._observe_rows is not None:
+            self._observe_rows(rows)
+            self._observe_requests(requests)
 
 
 def deliver(members: list[_Member], outcomes: list[BatchedResult | EdgedError]) -> None:

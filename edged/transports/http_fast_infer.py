@@ -156,10 +156,10 @@ class LeanInfer:
             if later is None and hold.release():
                 http._trim_soon()
 
-    def _batched(self, hold: Hold, entry: ModelEntry, decoded: DecodedRequest) -> LoopAnswer | None:
+    def _batched(self, hold: Hold, entry: ModelEntry, decoded: DecodedRequest) -> bytes | LoopAnswer | None:
         """A small request to a cheap batched model, batched and run on the loop
-        (``DataPlane.infer_on_loop``): a future of its answer, set when its batch has
-        run; ``hold`` is released then. None when it is not for the loop."""
+        (``DataPlane.infer_on_loop``): its answer, or a future of it, set when its batch
+        has run; ``hold`` is released then. None when it is not for the loop."""
         batcher = entry.batcher
         if batcher is None:  # a reload after the caller looked
             return None
@@ -192,9 +192,9 @@ class LeanInfer:
             elif not answer.done():  # done: cancelled with its connection
                 answer.set_result(payload)
 
-        if self.http.dataplane.infer_on_loop(decoded.request, "http", entry, self.http.inline_max_us, reply):
-            return answer
-        return None
+        if not self.http.dataplane.infer_on_loop(decoded.request, "http", entry, self.http.inline_max_us, reply):
+            return None
+        return answer.result() if answer.done() else answer  # done: its joining made the batch go
 
     def body_here(self, head: Head, body: bytearray, entry: ModelEntry, hold: Hold) -> Awaitable[bytes]:
         """The answer to an admitted request whose big body has been read (``admit``)."""
