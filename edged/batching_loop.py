@@ -1,4 +1,4 @@
-"""Dynamic batches formed on an event loop (``Batcher.submit_async``).
+"""Dynamic batches formed on an event loop (``Batcher.join_on_loop``).
 
 A small request (at most ``max_batch_size`` rows and LOOP_MAX_BYTES of inputs) to a
 model whose batches typically run within the transport's ``inline_max_us`` joins a
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edged.batching import BatchedResult, _Batch, _Member, deliver
+from edged.batching_parts import Batch, BatchedResult, Member, deliver
 from edged.errors import EdgedError
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def fits_loop(batcher: "Batcher", inputs: dict[str, np.ndarray], rows: int, inli
 
 
 @dataclass
-class _LoopBatch(_Batch):
+class LoopBatch(Batch):
     flush: asyncio.Handle | None = None  # the scheduled flush (the delay's end or the next loop step)
 
 
@@ -56,9 +56,9 @@ class LoopBatches:
         self.batcher = batcher
         self.loop = loop
         self.inline_max_us = 0.0  # the last joiner's: whether a flush runs here or in a worker
-        self._open: list[_LoopBatch] = []
+        self._open: list[LoopBatch] = []
 
-    def join(self, member: _Member, key: tuple, inline_max_us: float) -> asyncio.Future:
+    def join(self, member: Member, key: tuple, inline_max_us: float) -> asyncio.Future:
         """Put ``member`` (counted as waiting, its future of this loop) in a forming batch
         or start one; its future, done already when its joining made the batch go."""
         batcher = self.batcher
@@ -69,7 +69,7 @@ class LoopBatches:
                 batch = candidate
                 break
         if batch is None:
-            batch = _LoopBatch(key=key, ready=None)
+            batch = LoopBatch(key=key, ready=None)
             self._open.append(batch)
             batch.add(member, batcher.preferred)
             if batch.rows < batcher.max_rows and not batch.cut:
@@ -84,7 +84,7 @@ class LoopBatches:
         self.flush(batch)
         return member.future
 
-    def flush(self, batch: _LoopBatch) -> None:
+    def flush(self, batch: LoopBatch) -> None:
         """Send ``batch``: run on the loop, or in a worker while its model is slow."""
         if batch.flush is not None:
             batch.flush.cancel()
@@ -100,7 +100,7 @@ class LoopBatches:
         else:
             batcher._workers.submit(self._run_in_worker, members)
 
-    def _run(self, members: list[_Member]) -> list[BatchedResult | EdgedError]:
+    def _run(self, members: list[Member]) -> list[BatchedResult | EdgedError]:
         """Each member's outcome of one run of their batch in a concurrency slot."""
         batcher = self.batcher
         entry = batcher.entry
@@ -115,7 +115,7 @@ class LoopBatches:
         finally:
             entry.release()
 
-    def _run_in_worker(self, members: list[_Member]) -> None:
+    def _run_in_worker(self, members: list[Member]) -> None:
         outcomes = self._run(members)
         try:
             self.loop.call_soon_threadsafe(deliver, members, outcomes)  # one hop for the whole batch

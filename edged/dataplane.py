@@ -174,7 +174,7 @@ class DataPlane:
             return False
         if entry is None:
             entry = self.registry.get(request.model, request.version)
-        if entry.batcher is not None:  # it waits for other requests: never on a loop or network thread
+        if entry.batcher is not None:  # it waits for other requests; infer_on_loop batches it on a loop
             return False
         typical = entry.typical_latency_s
         if typical is None or typical * 1e6 > max_us or not entry.ready:
@@ -280,8 +280,7 @@ class DataPlane:
                 response = self._respond(entry, request, outcome.outputs)
             except EdgedError as exc:
                 self.metrics.failures.labels(entry.name, entry.version, transport, exc.code).inc()
-                reply(exc)
-                return
+                return reply(exc)
             if self.result_listeners:
                 self._notify(request, response, transport)
             reply(response)
@@ -302,11 +301,9 @@ class DataPlane:
 
     async def infer_batched(self, request: InferenceRequest, transport: str, entry: ModelEntry,
                             inline_max_us: float = 0.0, counted: bool = False) -> InferenceResponse:
-        """:meth:`infer` on an event loop for a model version with a dynamic batcher
-        (``entry.batcher``): a small request to a cheap model is batched and run on this
-        loop when ``inline_max_us`` allows (``Batcher.submit_async``); any other awaits its
-        batch's future from the worker threads, one thread hop per request. ``counted``:
-        the request was counted already (:meth:`infer_on_loop` hands it on)."""
+        """:meth:`infer` on an event loop for a model with a dynamic batcher: batched on this
+        loop as :meth:`infer_on_loop` would, else by the batcher's workers (a hop per
+        request). ``counted``: counted already (:meth:`infer_on_loop` hands it on)."""
         if not counted:
             self._series(entry, transport).requests(1)
         for attempt in range(2):
