@@ -11,7 +11,7 @@ import threading
 import numpy as np
 from edged.batching_loop import LOOP_MAX_BYTES, fits_loop
 from edged.config import ModelSettings
-from edged.errors import InferenceFailed, Overloaded
+from edged.errors import InferenceFailed, InvalidInput, Overloaded
 from tests.unit.test_batching import LONG_US, _double_bundle, _gather_bundle, _histogram, _registry
 from tests.unit.tiny_model import WEIGHTS, write_tiny_bundle
 
@@ -143,4 +143,45 @@ def test_a_reload_hands_loop_requests_to_the_new_batcher(tmp_path):
     assert [r.batch_rows for r in done] == [2, 2]
     np.testing.assert_allclose(done[0].outputs["y"], x["input"] @ WEIGHTS, rtol=1e-5)
     assert old.typical_run_s is not None and entry.batcher is not old
+    registry.unload_all()
+
+
+def _series(registry, metric: str, **labels: str) -> float:
+    """The value of one labelled series in the exposition (0.0 when absent)."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    for line in registry.metrics.exposition().decode().splitlines():
+        if line.startswith(metric + "{") and all(w in line for w in want):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_the_data_plane_answers_loop_batched_requests_by_callback_and_counts_each(tmp_path):
+    from edged.dataplane import DataPlane, InferenceRequest, InferenceResponse
+
+    write_tiny_bundle(tmp_path / "models" / "tiny")
+    registry = _registry(tmp_path, {"tiny": ModelSettings(max_batch_size=3, max_queue_delay_us=LONG_US)})
+    plane = DataPlane(registry.config, registry, registry.metrics)
+    entry = registry.get("tiny")
+    xs = [np.full((1, 4), i, np.float32) for i in range(3)]
+    replies: list = []
+
+    async def main() -> list:
+        refused = []
+        for i, x in enumerate(xs[:2] + [np.ones((1, 5), np.float32)] + xs[2:]):
+            request = InferenceRequest(model="tiny", inputs={"input": x}, id=str(i))
+            try:
+                assert plane.infer_on_loop(request, "http", entry, INLINE_US, replies.append)
+            except InvalidInput as exc:  # refused before it joined: raised, not replied
+                refused.append(exc)
+        return refused
+
+    refused = asyncio.run(main())
+    assert len(refused) == 1 and "expected shape" in str(refused[0])
+    assert [type(r) for r in replies] == [InferenceResponse] * 3  # the third join filled the batch
+    for x, response in zip(xs, sorted(replies, key=lambda r: r.id)):
+        np.testing.assert_allclose(response.outputs["y"], x @ WEIGHTS, rtol=1e-5)
+    assert _series(registry, "edged_inference_requests_total", model="tiny", transport="http") == 4
+    assert _series(registry, "edged_inference_failures_total", model="tiny", transport="http") == 1
+    assert _series(registry, "edged_inference_duration_seconds_count", model="tiny") == 3
+    assert _series(registry, "edged_queue_depth", model="tiny") == 0
     registry.unload_all()
