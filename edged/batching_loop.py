@@ -58,9 +58,9 @@ class LoopBatches:
         self.inline_max_us = 0.0  # the last joiner's: whether a flush runs here or in a worker
         self._open: list[LoopBatch] = []
 
-    def join(self, member: Member, key: tuple, inline_max_us: float) -> asyncio.Future:
-        """Put ``member`` (counted as waiting, its future of this loop) in a forming batch
-        or start one; its future, done already when its joining made the batch go."""
+    def join(self, member: Member, key: tuple, inline_max_us: float) -> None:
+        """Put ``member`` (counted as waiting) in a forming batch or start one; a batch
+        that this makes full, or of a preferred size, goes at once."""
         batcher = self.batcher
         self.inline_max_us = inline_max_us
         batch = None
@@ -76,13 +76,12 @@ class LoopBatches:
                 delay = batcher.delay_s
                 batch.flush = (self.loop.call_soon(self.flush, batch) if delay <= 0
                                else self.loop.call_later(delay, self.flush, batch))
-                return member.future
+                return
         else:
             batch.add(member, batcher.preferred)
             if batch.rows < batcher.max_rows and not batch.cut:
-                return member.future
+                return
         self.flush(batch)
-        return member.future
 
     def flush(self, batch: LoopBatch) -> None:
         """Send ``batch``: run on the loop, or in a worker while its model is slow."""

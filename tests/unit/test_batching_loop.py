@@ -185,3 +185,24 @@ def test_the_data_plane_answers_loop_batched_requests_by_callback_and_counts_eac
     assert _series(registry, "edged_inference_duration_seconds_count", model="tiny") == 3
     assert _series(registry, "edged_queue_depth", model="tiny") == 0
     registry.unload_all()
+
+
+def test_a_loop_batch_whose_model_grew_slow_runs_in_a_worker_and_comes_back(tmp_path):
+    write_tiny_bundle(tmp_path / "models" / "tiny")
+    registry = _registry(tmp_path, {"tiny": ModelSettings(max_batch_size=4, max_queue_delay_us=0)})
+    entry = registry.get("tiny")
+    batcher = entry.batcher
+    xs = [np.full((1, 4), i, np.float32) for i in range(2)]
+    ran_in = _threads_running(entry.model)
+
+    async def main() -> tuple[list, int]:
+        waiting = [batcher.submit_async({"input": x}, INLINE_US) for x in xs]  # both join the loop's batch
+        batcher._typical_run_s = 1.0  # the model's batches now take 1 s: too slow for the loop
+        return await asyncio.wait_for(asyncio.gather(*waiting), WAIT_S), threading.get_ident()
+
+    done, loop_thread = asyncio.run(main())
+    assert len(ran_in) == 1 and ran_in[0] != loop_thread  # one call, in a worker thread
+    assert [r.batch_rows for r in done] == [2, 2]
+    for x, result in zip(xs, done):
+        np.testing.assert_allclose(result.outputs["y"], x @ WEIGHTS, rtol=1e-5)
+    registry.unload_all()
