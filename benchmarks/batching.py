@@ -1,7 +1,7 @@
 """Section "batching": dynamic batching off vs on at 16 concurrent clients.
 
 Two daemons run side by side with the same bundles and settings, one with
-``[models.<name>] max_batch_size`` set. Rounds alternate between them (off/on,
+``[models.<name>] max_batch_size`` set (a fresh one for each row of ROWS). Rounds alternate between them (off/on,
 then on/off) so load on the machine hits both alike; the ratio of their req/s is
 the figure. The CNN is built here with random weights: only throughput is measured.
 """
@@ -24,10 +24,11 @@ from tests.helpers import DEMO_BUNDLES, REPO, start_daemon
 CLIENTS = 16
 ROUNDS = 5
 SECONDS = 3.0
-MODELS = {  # model -> (max_batch_size, max_queue_delay_us)
-    "digits-onnx": (16, 500),
-    "cnn224": (16, 2000),
-}
+ROWS = (  # (model, max_batch_size, max_queue_delay_us): one row each, against the same daemon without batching
+    ("digits-onnx", 16, 500),
+    ("digits-onnx", 16, 0),  # no delay: requests join the batches that form while the loop is busy
+    ("cnn224", 16, 2000),
+)
 CNN_SHAPE = (3, 224, 224)
 
 
@@ -68,10 +69,9 @@ def write_cnn_bundle(dest: Path, name: str = "cnn224", seed: int = 0) -> None:
     source.unlink()
 
 
-def models_toml(models: dict[str, tuple[int, int]]) -> str:
-    """[models.<name>] tables turning batching on."""
-    return "".join(f"[models.{name}]\nmax_batch_size = {size}\nmax_queue_delay_us = {delay}\n"
-                   for name, (size, delay) in models.items())
+def models_toml(name: str, size: int, delay: int) -> str:
+    """The [models.<name>] table turning batching on."""
+    return f"[models.{name}]\nmax_batch_size = {size}\nmax_queue_delay_us = {delay}\n"
 
 
 def _histogram(text: str, metric: str, model: str) -> tuple[float, float]:
@@ -109,13 +109,14 @@ def _load() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def run(models: dict[str, tuple[int, int]] | None = None, rounds: int = ROUNDS, seconds: float = SECONDS,
+def run(rows: list[tuple[str, int, int]] | None = None, rounds: int = ROUNDS, seconds: float = SECONDS,
         build_demo: bool = True) -> dict:
-    """Both models, batching off vs on; ``models`` overrides MODELS' settings (and which run)."""
-    settings = models or MODELS
+    """Each row (default ROWS) batching off vs on: one daemon without batching for all rows,
+    and one with the row's settings started for it."""
+    settings = rows or ROWS
     if build_demo:
         subprocess.run([sys.executable, str(REPO / "scripts" / "build_demo.py"), "--out", str(DEMO_BUNDLES)], check=True)
-    results: dict = {"clients": CLIENTS, "rounds": rounds, "seconds": seconds, "models": {}}
+    results: dict = {"clients": CLIENTS, "rounds": rounds, "seconds": seconds, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         models = root / "models"
@@ -123,10 +124,11 @@ def run(models: dict[str, tuple[int, int]] | None = None, rounds: int = ROUNDS, 
         (models / "digits-onnx").symlink_to(DEMO_BUNDLES / "digits-onnx")
         write_cnn_bundle(models / "cnn224")
         extra = 'load = ["digits-onnx", "cnn224"]\n'
-        daemons = {"off": start_daemon(root / "off", models, extra),
-                   "on": start_daemon(root / "on", models, extra + models_toml(settings))}
+        off = start_daemon(root / "off", models, extra)
+        daemons = {"off": off}
         try:
-            for name, (size, delay) in settings.items():
+            for index, (name, size, delay) in enumerate(settings):
+                daemons["on"] = start_daemon(root / f"on{index}", models, extra + models_toml(name, size, delay))
                 shape = (1, 1, 8, 8) if name == "digits-onnx" else (1, *CNN_SHAPE)
                 x = np.random.RandomState(0).rand(*shape).astype(np.float32)
                 calls = {mode: binary_call(d.port, name, x) for mode, d in daemons.items()}
@@ -138,8 +140,10 @@ def run(models: dict[str, tuple[int, int]] | None = None, rounds: int = ROUNDS, 
                     for mode in order:
                         row[mode] = _timed(calls[mode], daemons[mode].proc.pid, seconds)
                     timed.append(row)
-                results["models"][name] = _summary(name, size, delay, timed, before["on"], _metrics(daemons["on"].port))
-                results["models"][name].update(_ceiling(models / name, size, results["models"][name]["cpu_us_off"]))
+                row = _summary(name, size, delay, timed, before["on"], _metrics(daemons["on"].port))
+                row.update(_ceiling(models / name, size, row["cpu_us_off"]))
+                results["rows"].append(row)
+                daemons.pop("on").stop()
         finally:
             for daemon in daemons.values():
                 daemon.stop()
@@ -169,13 +173,13 @@ def _summary(name: str, size: int, delay: int, rounds: list[dict], before: str, 
     p99_on = statistics.median(r["on"]["p99_us"] for r in rounds)
     p99_off = statistics.median(r["off"]["p99_us"] for r in rounds)
     return {
-        "max_batch_size": size, "max_queue_delay_us": delay, "rounds": rounds,
+        "model": name, "max_batch_size": size, "max_queue_delay_us": delay, "rounds": rounds,
         "ratios": [round(r, 2) for r in ratios], "ratio": round(statistics.median(ratios), 2),
-        "rps_off": statistics.median(r["off"]["rps"] for r in rounds),
-        "rps_on": statistics.median(r["on"]["rps"] for r in rounds),
-        "p99_off_us": p99_off, "p99_on_us": p99_on,
-        "cpu_us_off": statistics.median(r["off"]["cpu_us"] for r in rounds),
-        "cpu_us_on": statistics.median(r["on"]["cpu_us"] for r in rounds),
+        "rps_off": round(statistics.median(r["off"]["rps"] for r in rounds), 1),
+        "rps_on": round(statistics.median(r["on"]["rps"] for r in rounds), 1),
+        "p99_off_us": round(p99_off, 1), "p99_on_us": round(p99_on, 1),
+        "cpu_us_off": round(statistics.median(r["off"]["cpu_us"] for r in rounds), 1),
+        "cpu_us_on": round(statistics.median(r["on"]["cpu_us"] for r in rounds), 1),
         "mean_batch_rows": round(rows_sum / batches, 2) if batches else 0.0,
         "batch_run_us": round(batch_run_us, 1),
         "p99_added_us": round(p99_on - p99_off, 1),
@@ -187,8 +191,8 @@ def markdown(results: dict) -> str:
     lines = [
         "## batching",
         "",
-        f"Dynamic batching off vs on: two daemons side by side (same bundles, `threads = 1`, default "
-        f"`max_concurrency`), {results['clients']} client threads with keep-alive binary requests of one "
+        f"Dynamic batching off vs on: a daemon without batching and, for each row, one with the row's settings, "
+        f"side by side (same bundles, `threads = 1`, default `max_concurrency`), {results['clients']} client threads with keep-alive binary requests of one "
         f"row each, {results['rounds']} interleaved rounds of {results['seconds']:g} s (order alternating). "
         "`cnn224` is a 3-convolution 224×224 CNN built by the benchmark with random weights (only "
         "throughput is measured). Ratio: median of the per-round req/s ratios.",
@@ -198,7 +202,8 @@ def markdown(results: dict) -> str:
         "bare runtime µs/row at batch 1 / full | ceiling | load avg |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in results["models"].items():
+    for r in results["rows"]:
+        name = r["model"]
         loads = " / ".join(f"{row['load']:.1f}" for row in r["rounds"])
         lines.append(
             f"| {name} | {r['max_batch_size']} / {r['max_queue_delay_us']} | {r['rps_off']} | {r['rps_on']} | "
@@ -226,5 +231,5 @@ def markdown(results: dict) -> str:
 
 
 if __name__ == "__main__":  # python -m benchmarks.batching [model=size/delay_us ...]
-    chosen = {a.split("=")[0]: tuple(map(int, a.split("=")[1].split("/"))) for a in sys.argv[1:]}
+    chosen = [(a.split("=")[0], *map(int, a.split("=")[1].split("/"))) for a in sys.argv[1:]]
     print(markdown(run(chosen or None, build_demo=not chosen)))
