@@ -200,6 +200,32 @@ def _drain_through_broker(tmp: Path, broker_port: int, count: int = 500) -> floa
         daemon.stop()
 
 
+def _wait_online(port: int, device: str, timeout: float = 60.0) -> None:
+    """Until the daemon's retained "online" status is there: it publishes it after
+    subscribing to its request topics, so a QoS 0 request sent before could find no
+    subscriber and be dropped by the broker (a requester would then wait in vain)."""
+    online = threading.Event()
+
+    def on_message(client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        try:
+            if json.loads(message.payload).get("state") == "online":
+                online.set()
+        except ValueError:
+            pass
+
+    watcher = _client()
+    watcher.on_message = on_message
+    watcher.connect("127.0.0.1", port)
+    watcher.subscribe(f"edged/{device}/status", qos=1)
+    watcher.loop_start()
+    try:
+        if not online.wait(timeout):
+            raise TimeoutError(f"the daemon did not say it was online on MQTT within {timeout:g} s")
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+
+
 def _rounds(broker_port: int, daemon_port: int) -> list[dict]:
     """Each path for SECONDS in each round; the paths' order alternates between rounds."""
     import tritonclient.http as triton
@@ -261,6 +287,7 @@ def run() -> dict:
         toml = f'device_id = "bench"\n[mqtt]\nenabled = true\nport = {broker.port}\nqos = 0\n'
         daemon = start_daemon(tmp_path / "d", DEMO_BUNDLES, extra_toml=toml, env={"EDGED_LOAD": MODEL})
         try:
+            _wait_online(broker.port, "bench")
             results["rounds"] = _rounds(broker.port, daemon.port)
         finally:
             daemon.stop()
