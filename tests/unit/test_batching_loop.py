@@ -9,10 +9,11 @@ import asyncio
 import threading
 
 import numpy as np
+import pytest
 from edged.batching_loop import LOOP_MAX_BYTES, fits_loop
 from edged.config import ModelSettings
 from edged.errors import InferenceFailed, InvalidInput, Overloaded
-from tests.unit.test_batching import LONG_US, _double_bundle, _gather_bundle, _histogram, _registry
+from tests.unit.test_batching import LONG_US, _concurrently, _double_bundle, _gather_bundle, _histogram, _registry
 from tests.unit.tiny_model import WEIGHTS, write_tiny_bundle
 
 INLINE_US = 200.0  # http.inline_max_us's default
@@ -74,29 +75,39 @@ def test_with_no_delay_the_requests_of_one_loop_step_join_one_batch(tmp_path):
     registry.unload_all()
 
 
-def test_a_bad_request_fails_alone_on_the_loop(tmp_path):
+def _in_batches(path: str, entry, requests: list) -> list:
+    """Each request's result (or exception) from concurrent requests to ``entry``'s batcher:
+    on worker threads (``Batcher.infer`` from one thread per request), or on an event loop."""
+    if path == "threads":
+        return _concurrently(entry.batcher.infer, requests)
+    return _on_loop(entry.batcher.submit_async, requests)
+
+
+@pytest.mark.parametrize("path", ["threads", "loop"])
+def test_a_bad_request_fails_alone(tmp_path, path):
     write_tiny_bundle(tmp_path / "models" / "tiny")
     registry = _registry(tmp_path, {"tiny": ModelSettings(max_batch_size=3, max_queue_delay_us=LONG_US)})
     entry = registry.get("tiny")
     good = [{"input": np.full((1, 4), i, np.float32)} for i in range(3)]
-    bad = [{"input": np.ones((1, 5), np.float32)}, {"input": np.ones((1, 4), np.int32)}]
-    done = _on_loop(entry.batcher.submit_async, good[:1] + bad + good[1:])
-    assert [type(r).__name__ for r in done[1:3]] == ["InvalidInput"] * 2
-    for request, result in zip(good, done[:1] + done[3:]):
+    bad = [{"input": np.ones((1, 5), np.float32)}, {"input": np.ones((1, 4), np.int32)}, {"wrong": np.ones((1, 4), np.float32)}]
+    done = _in_batches(path, entry, good[:1] + bad + good[1:])
+    assert [type(r).__name__ for r in done[1:4]] == ["InvalidInput"] * 3
+    for request, result in zip(good, done[:1] + done[4:]):
         assert result.batch_rows == 3
         np.testing.assert_allclose(result.outputs["y"], request["input"] @ WEIGHTS, rtol=1e-5)
     registry.unload_all()
 
 
-def test_a_request_that_fails_in_the_runtime_fails_alone_on_the_loop(tmp_path):
+@pytest.mark.parametrize("path", ["threads", "loop"])
+def test_a_request_that_fails_in_the_runtime_fails_alone(tmp_path, path):
     _gather_bundle(tmp_path / "models" / "gather")
     registry = _registry(tmp_path, {"gather": ModelSettings(max_batch_size=3, max_queue_delay_us=LONG_US)})
     entry = registry.get("gather")
     data = np.arange(12, dtype=np.float32).reshape(3, 4)
     requests = [{"data": data[i:i + 1], "idx": np.array([[i]], np.int64)} for i in range(3)]
     requests[1]["idx"] = np.array([[7]], np.int64)  # out of range: onnxruntime refuses the whole call
-    done = _on_loop(entry.batcher.submit_async, requests)
-    assert isinstance(done[1], InferenceFailed)
+    done = _in_batches(path, entry, requests)
+    assert isinstance(done[1], InferenceFailed) and "GatherElements" in str(done[1])
     assert done[0].outputs["y"].tolist() == [[0.0]] and done[2].outputs["y"].tolist() == [[10.0]]
     assert entry.errors == 1 and entry.served == 3
     registry.unload_all()
