@@ -6,7 +6,7 @@ the steps of ``HttpTransport.infer`` for a request read from the connection
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable
 
 from edged.auth import Access, check_access
 from edged.dataplane import InferenceResponse
@@ -17,7 +17,6 @@ from edged.transports.http_fast import Head, HeadCache, LeanRequest, answer_byte
 from edged.v2 import DecodedRequest, decode_request, response_bytes
 from edged.v2_binary import BinaryLayouts, BinaryResponses
 
-RUN_MARGIN_S = 1.0  # what a LoopAnswer's wait allows for its batch's run (a cheap one, by the loop rule)
 
 if TYPE_CHECKING:
     from edged.http_limits import Hold
@@ -27,12 +26,7 @@ if TYPE_CHECKING:
 
 class LoopAnswer(asyncio.Future):
     """The answer (bytes) of a request batched on the loop, set on the loop when its
-    batch has run. A connection that can write it at once sets ``deliver``, which then
-    gets the bytes instead of this future (no loop step, no task). ``wait_s`` bounds how
-    long it takes: the batch's max_queue_delay_us plus a margin for its run."""
-
-    deliver: Callable[[bytes], None] | None = None
-    wait_s: float = 0.0
+    batch has run; the connection awaits it as it awaits any later answer."""
 
 
 class LeanInfer:
@@ -164,7 +158,6 @@ class LeanInfer:
         if batcher is None:  # a reload after the caller looked
             return None
         answer = LoopAnswer()
-        answer.wait_s = batcher.delay_s + RUN_MARGIN_S
 
         def reply(outcome: InferenceResponse | EdgedError) -> None:
             if isinstance(outcome, InferenceResponse):
@@ -187,9 +180,7 @@ class LeanInfer:
             settle(payload)
 
         def settle(payload: bytes) -> None:
-            if answer.deliver is not None:
-                answer.deliver(payload)
-            elif not answer.done():  # done: cancelled with its connection
+            if not answer.done():  # done: cancelled with its connection
                 answer.set_result(payload)
 
         if not self.http.dataplane.infer_on_loop(decoded.request, "http", entry, self.http.inline_max_us, reply):
