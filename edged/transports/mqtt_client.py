@@ -356,8 +356,10 @@ class LeanClient(mqtt.Client):
             self._packet_queue(mqtt.PUBLISH, packet, mid, 0, info)
             return
         if sent < len(packet):
-            self._out_packet.append({"command": mqtt.PUBLISH, "mid": mid, "qos": 0, "pos": sent,
-                                     "to_process": len(packet) - sent, "packet": packet, "info": info})
+            # Its rest goes first: the queue was empty when this began, so all that is in it
+            # now came from other threads meanwhile, and the rest must not go after them.
+            self._out_packet.appendleft({"command": mqtt.PUBLISH, "mid": mid, "qos": 0, "pos": sent,
+                                         "to_process": len(packet) - sent, "packet": packet, "info": info})
             return
         with self._msgtime_mutex:
             self._last_msg_out = mqtt.time_func()

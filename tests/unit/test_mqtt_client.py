@@ -374,3 +374,41 @@ def test_a_handler_s_qos0_reply_keeps_its_place_behind_queued_packets(linked, re
     assert [p[3:3 + int.from_bytes(p[1:3], "big")] for p in packets] == [b"replies/first", b"replies/second"]
     if report:
         loop_until(client, lambda: len(published) == 3)  # on_publish reported both, as paho does
+
+
+def test_a_partly_written_reply_goes_on_before_a_packet_another_thread_queued_meanwhile(linked):
+    """A reply the socket takes only in part: its rest must go out before what another
+    thread published while it was being written, or the two packets' bytes would mix."""
+    from edged.transports.mqtt_codec import finish_properties, pack_fields
+
+    client, broker = linked
+    payload = bytes(range(256)) * 10_000  # 2.5 MB: more than the socket takes at once
+    fields = pack_fields("application/x-edged-tensor; dtype=FP32", [])
+    send = client._sock_send
+
+    def send_while_another_thread_publishes(data):
+        sent = send(data)  # the real socket write of the reply: it takes a part
+        other = threading.Thread(target=lambda: client.publish("replies/other", b"3", qos=0))
+        other.start()  # meanwhile another thread publishes
+        other.join(10)
+        return sent
+
+    def on_message(c, userdata, message):
+        client._sock_send = send_while_another_thread_publishes
+        try:
+            c.publish_qos0("replies/a", payload, finish_properties(fields, b"\x01corr"))
+        finally:
+            client._sock_send = send
+
+    client.on_message = on_message
+    client.socket().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    broker.conn.sendall(publish_packet("t/x", b"", props=props_of(ContentType="c")))
+    broker.conn.settimeout(30)
+    packets: list[bytes] = []
+    receiver = threading.Thread(target=lambda: packets.extend(broker.read_packet() for _ in range(2)))
+    receiver.start()
+    loop_until(client, lambda: not receiver.is_alive() or (packets and not client.want_write()), rounds=200)
+    receiver.join(30)
+    topics = [p[3:3 + int.from_bytes(p[1:3], "big")] for p in packets]
+    assert topics == [b"replies/a", b"replies/other"]
+    assert packets[0].endswith(payload)
