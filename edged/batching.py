@@ -203,18 +203,31 @@ class Batcher:
         try:
             model, _ = self.entry.acquire()  # the batch keeps filling while this waits
         except EdgedError as exc:  # not ready any more, or overloaded: nothing ran
-            self._deliver_error(self._close(batch, deadline), exc, ran=False)
+            members = self._close(batch, deadline)
+            deliver(members, [exc] * len(members))
             return
         try:
-            self._run_guarded(model, self._close(batch, deadline))
+            members = self._close(batch, deadline)
+            deliver(members, self._guarded_outcomes(model, members))
         finally:
             self.entry.release()
 
-    def _run_guarded(self, model: "LoadedModel", members: list[Member]) -> None:
+    def run_in_slot(self, members: list[Member]) -> list[BatchedResult | EdgedError]:
+        """Each member's outcome of one run of their batch in a concurrency slot of the model."""
         try:
-            self._run(model, members)
+            model, _ = self.entry.acquire()
+        except EdgedError as exc:  # not ready any more, or overloaded: nothing ran
+            return [exc] * len(members)
+        try:
+            return self._guarded_outcomes(model, members)
+        finally:
+            self.entry.release()
+
+    def _guarded_outcomes(self, model: "LoadedModel", members: list[Member]) -> list[BatchedResult | EdgedError]:
+        try:
+            return self.outcomes(model, members)
         except Exception as exc:  # a fault here must not leave requests waiting for ever
-            self._deliver_error([m for m in members if not m.future.done()], self._as_edged(exc), ran=False)
+            return [self._as_edged(exc)] * len(members)
 
     def _close(self, batch: Batch, deadline: float) -> list[Member]:
         """Take ``batch`` out of the forming ones. Before its deadline, only its
@@ -231,10 +244,6 @@ class Batcher:
                 self._workers.submit(self._lead, again)
             self._waiting -= len(members)
             return members
-
-    def _run(self, model: "LoadedModel", members: list[Member]) -> None:
-        """Run ``members`` as one call (see :meth:`outcomes`) and set their futures."""
-        deliver(members, self.outcomes(model, members))
 
     def outcomes(self, model: "LoadedModel", members: list[Member]) -> list[BatchedResult | EdgedError]:
         """Run ``members`` as one call; when that fails and there were several, each
@@ -283,15 +292,7 @@ class Batcher:
             self._typical_run_s = 0.9 * typical + 0.1 * min(seconds, OUTLIER_FACTOR * typical)
 
     def _run_alone(self, member: Member) -> None:
-        try:
-            model, _ = self.entry.acquire()
-        except EdgedError as exc:
-            self._deliver_error([member], exc, ran=False)
-            return
-        try:
-            self._run_guarded(model, [member])
-        finally:
-            self.entry.release()
+        deliver([member], self.run_in_slot([member]))
 
     def _as_edged(self, exc: Exception) -> EdgedError:
         """The error a member gets: EdgedError as raised, a runtime's own exception
@@ -303,12 +304,6 @@ class Batcher:
                     type(exc).__name__, exc)
         return InferenceFailed(f"model {entry.name} failed in its runtime ({entry.runtime}); "
                                "the daemon's log has the details")
-
-    def _deliver_error(self, members: list[Member], exc: EdgedError, ran: bool) -> None:
-        if ran:  # counted as the unbatched path counts it: a bad request is not the model's fault
-            for _ in members:
-                self.entry.count(ok=not isinstance(exc, InferenceFailed))
-        deliver(members, [exc] * len(members))
 
     def _observe(self, rows: int, requests: int) -> None:
         if self._observe_rows is not None:

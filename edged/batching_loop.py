@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edged.batching_parts import Batch, BatchedResult, Member, deliver
-from edged.errors import EdgedError
+from edged.batching_parts import Batch, Member, deliver
 
 if TYPE_CHECKING:
     from edged.batching import Batcher
@@ -95,27 +94,12 @@ class LoopBatches:
             batcher._count_waiting(-len(members))
         typical = batcher.typical_run_s
         if typical is not None and typical * 1e6 <= self.inline_max_us:
-            deliver(members, self._run(members))
+            deliver(members, batcher.run_in_slot(members))
         else:
             batcher._workers.submit(self._run_in_worker, members)
 
-    def _run(self, members: list[Member]) -> list[BatchedResult | EdgedError]:
-        """Each member's outcome of one run of their batch in a concurrency slot."""
-        batcher = self.batcher
-        entry = batcher.entry
-        try:
-            model, _ = entry.acquire()
-        except EdgedError as exc:  # not ready any more, or overloaded: nothing ran
-            return [exc] * len(members)
-        try:
-            return batcher.outcomes(model, members)
-        except Exception as exc:  # a fault here must not leave requests waiting for ever
-            return [batcher._as_edged(exc)] * len(members)
-        finally:
-            entry.release()
-
     def _run_in_worker(self, members: list[Member]) -> None:
-        outcomes = self._run(members)
+        outcomes = self.batcher.run_in_slot(members)
         try:
             self.loop.call_soon_threadsafe(deliver, members, outcomes)  # one hop for the whole batch
         except RuntimeError:  # the loop is closed: nobody waits for these any more

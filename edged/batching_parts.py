@@ -9,7 +9,7 @@ import asyncio
 import copy
 import logging
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -149,7 +149,10 @@ def deliver(members: list[Member], outcomes: list[BatchedResult | EdgedError]) -
         future = member.future
         if future.done():
             continue
-        if isinstance(outcome, EdgedError):
-            future.set_exception(copy.copy(outcome))  # each request raises its own instance
-        else:
-            future.set_result(outcome)
+        try:
+            if isinstance(outcome, EdgedError):
+                future.set_exception(copy.copy(outcome))  # each request raises its own instance
+            else:
+                future.set_result(outcome)
+        except InvalidStateError:  # cancelled by its waiter since done() said no: the others still get theirs
+            pass
