@@ -196,10 +196,7 @@ class DataPlane:
         series.depth(1)
         try:
             if entry.batcher is not None:  # validates, waits for its batch, counts; raises EdgedError
-                done = entry.batcher.infer(request.inputs)
-                series.queue_time(done.queued_s)
-                series.latency(done.run_s)
-                outputs = done.outputs
+                return self._from_batch(entry, request, series, entry.batcher.infer(request.inputs))
             else:
                 model, waited = entry.acquire()
                 ok: bool | None = None  # counted (entry.served, entry.errors) once the model ran
@@ -275,9 +272,7 @@ class DataPlane:
             try:
                 if isinstance(outcome, EdgedError):
                     raise outcome
-                series.queue_time(outcome.queued_s)
-                series.latency(outcome.run_s)
-                response = self._respond(entry, request, outcome.outputs)
+                response = self._from_batch(entry, request, series, outcome)
             except EdgedError as exc:
                 self.metrics.failures.labels(entry.name, entry.version, transport, exc.code).inc()
                 return reply(exc)
@@ -314,9 +309,7 @@ class DataPlane:
                 if batcher is None:  # a reload swapped in an unbatched model after the lookup
                     return await asyncio.to_thread(self._infer_unbatched, request, transport, entry)
                 done = await batcher.submit_async(request.inputs, inline_max_us)
-                series.queue_time(done.queued_s)
-                series.latency(done.run_s)
-                response = self._respond(entry, request, done.outputs)
+                response = self._from_batch(entry, request, series, done)
                 break
             except ModelNotReady as exc:
                 # A hot swap unloaded this version: an unversioned request goes to its successor.
@@ -335,6 +328,14 @@ class DataPlane:
         if self.result_listeners:
             self._notify(request, response, transport)
         return response
+
+    def _from_batch(self, entry: ModelEntry, request: InferenceRequest, series: ModelSeries,
+                    done: Any) -> InferenceResponse:
+        """The response from a request's share of its batch (a BatchedResult), with its
+        queue time and its batch's run observed."""
+        series.queue_time(done.queued_s)
+        series.latency(done.run_s)
+        return self._respond(entry, request, done.outputs)
 
     def _infer_unbatched(self, request: InferenceRequest, transport: str, entry: ModelEntry) -> InferenceResponse:
         try:
