@@ -33,6 +33,7 @@ from paho.mqtt.properties import Properties
 from benchmarks.common import measure
 from edged.outbox import Outbox
 from edged.transports.mqtt_client import LeanClient
+from edged.transports.mqtt_codec import RAW_CONTENT_TYPE as RAW, with_parameters
 from tests.brokers import mosquitto
 from tests.helpers import DEMO_BUNDLES, free_port, start_daemon
 
@@ -40,7 +41,6 @@ MODEL = "digits-tflite"
 SECONDS = 1.0  # per path and round
 ROUNDS = 5  # 1 s rounds swing by +-0.1 in the ratio on a loaded 2-core box: the median of 5
 TOPIC = f"edged/bench/infer/{MODEL}"
-RAW = "application/x-edged-tensor"
 PATHS = (("mqtt_qos0", "MQTT QoS 0"),
          ("mqtt_qos0_user_properties", "MQTT QoS 0, tensor described by user properties"),
          ("mqtt_qos0_lean_client", "MQTT QoS 0, requester on edged's LeanClient"),
@@ -63,7 +63,7 @@ def _request_properties(reply: str, correlation: bytes, user: list[tuple[str, st
         props.ContentType = RAW
         props.UserProperty = user[1:]
     else:
-        props.ContentType = RAW + "".join(f'; {key}="{value}"' for key, value in user)
+        props.ContentType = with_parameters(RAW, user)
     return props
 
 
